@@ -1,0 +1,36 @@
+# The two set-up commands of the README: `make run` and `make test`.
+# Everything is installed into .venv from this repository's own files; torch stays at 2.13.0 (CPU)
+# through constraints.txt, so no requirement can pull a CUDA build.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.dist_fair-installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-slow bench clean
+
+$(STAMP): setup.py requirements.txt constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Runs the main job on the built-in BUPT-style data set; the report lands in runs/default/.
+run: install
+	$(VENV)/bin/dist-fair run --run-dir runs/default
+
+## Fast test suite (slow tests: `make test-slow`). pytest's exit 5 ("no tests collected") is
+## turned into an explicit failure: an empty run must never look like a pass.
+test: install
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - failing on purpose" >&2; exit 1; fi; \
+	exit $$rc
+
+test-slow: install
+	@$(PY) -m pytest -m slow $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-slow: pytest collected no slow tests" >&2; exit 1; fi; \
+	exit $$rc
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache

@@ -1,0 +1,309 @@
+"""One configuration tree for the whole job (DESIGN.md, "Configuration").
+
+``JobConfig`` holds one dataclass per stage. It loads from YAML, takes ``--set a.b=c``
+overrides, validates every field when built (messages name the dotted field and the fix) and is
+saved as ``config.yaml`` in every run folder. Sections validate in ``__post_init__`` the way Ray
+Train's ``ScalingConfig`` does, so a bad value fails before any work starts.
+
+Only the standard library and PyYAML are imported here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from dist_fair.errors import ConfigError
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config field '{field_name}': {message}")
+
+
+def _choice(value: str, allowed: Sequence[str], field_name: str) -> None:
+    _require(value in allowed, field_name, f"got {value!r}; choose one of {', '.join(map(repr, allowed))}")
+
+
+@dataclass
+class RayConfig:
+    """How Ray starts. ``address=None`` starts a private local instance (dashboard off, ports on
+    localhost); ``"auto"`` or ``"ray://host:10001"`` joins an existing cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    include_dashboard: bool = False
+    namespace: str = "dist_fair"
+
+    def __post_init__(self) -> None:
+        _require(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", "must be >= 1 or null (all cores)")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from. ``source=synth`` generates BUPT-style embeddings (METHODS.md §2);
+    ``source=shards`` uses an existing shard folder given in ``shards``."""
+
+    source: str = "synth"
+    shards: str | None = None
+    preset: str = "balanced"
+    identities: int = 400
+    images_per_identity: float = 20.0
+    dim: int = 128
+    seed: int = 0
+    block_rows: int = 4096
+    shard_rows: int = 65536
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        _choice(self.source, ["synth", "shards"], "data.source")
+        _choice(self.preset, ["balanced", "global", "skewed"], "data.preset")
+        _require(self.source != "shards" or bool(self.shards), "data.shards",
+                 "is required when data.source=shards (a folder holding manifest.json)")
+        _require(self.identities >= 2, "data.identities", "must be >= 2")
+        _require(self.images_per_identity >= 2, "data.images_per_identity", "must be >= 2 (mean images per identity)")
+        _require(self.dim >= 2, "data.dim", "must be >= 2")
+        _require(self.block_rows >= 1, "data.block_rows", "must be >= 1")
+        _require(self.shard_rows >= self.block_rows, "data.shard_rows", "must be >= data.block_rows")
+        _require(self.workers >= 1, "data.workers", "must be >= 1")
+
+
+@dataclass
+class KNNConfig:
+    """kNN graph (METHODS.md §3): FAISS index shards on Ray actors, per-shard top-k merged."""
+
+    k: int = 80
+    index: str = "flat"
+    workers: int = 1
+    query_block: int = 16384
+    nlist: int | None = None
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    pq_m: int = 32
+    rerank: int = 4
+    recall_sample: int = 1000
+    gpu: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.k >= 2, "knn.k", "must be >= 2 (the sample itself is neighbour 0)")
+        _choice(self.index, ["flat", "ivf", "hnsw", "ivfpq"], "knn.index")
+        _require(self.workers >= 1, "knn.workers", "must be >= 1")
+        _require(self.query_block >= 1, "knn.query_block", "must be >= 1")
+        _require(self.nlist is None or self.nlist >= 1, "knn.nlist", "must be >= 1 or null (automatic: ~4*sqrt(N))")
+        _require(self.nprobe >= 1, "knn.nprobe", "must be >= 1")
+        _require(self.rerank >= 1, "knn.rerank", "must be >= 1 (candidates re-ranked = rerank * k)")
+        _require(self.recall_sample >= 0, "knn.recall_sample", "must be >= 0 (0 skips the recall check)")
+        _choice(self.gpu, ["auto", "yes", "no"], "knn.gpu")
+
+
+@dataclass
+class ClusterConfig:
+    """Decoding to clusters (METHODS.md §4). ``method=threshold``: edges with similarity (or edge
+    probability) above ``threshold`` joined by union-find; ``threshold=null`` chooses it on the
+    labelled validation identities by pairwise F, never on the test identities."""
+
+    method: str = "threshold"
+    threshold: float | None = None
+    val_fraction: float = 0.2
+    threshold_grid: list[float] = field(default_factory=lambda: [round(0.30 + 0.02 * i, 2) for i in range(33)])
+
+    def __post_init__(self) -> None:
+        _choice(self.method, ["threshold", "peak"], "cluster.method")
+        _require(self.threshold is None or -1.0 <= self.threshold <= 1.0, "cluster.threshold",
+                 "must be in [-1, 1] or null (chosen on the validation split)")
+        _require(0.0 < self.val_fraction < 1.0, "cluster.val_fraction", "must be in (0, 1)")
+        _require(len(self.threshold_grid) > 0, "cluster.threshold_grid", "must list at least one value")
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train + DeepSpeed training (DESIGN.md, "Engines")."""
+
+    model: str = "none"
+    deepspeed: str = "zero0_cpu"
+    workers: int = 1
+    cpus_per_worker: int = 1
+    epochs: int = 2
+    batch_size: int = 256
+    lr: float = 3e-4
+    precision: str = "fp32"
+    checkpoint_every: int = 0
+    max_failures: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice(self.model, ["none", "intraformer", "clusformer", "dec", "imsat", "dfdc", "fair_dec", "fairoids"],
+                "train.model")
+        _require(self.workers >= 1, "train.workers", "must be >= 1")
+        _require(self.cpus_per_worker >= 1, "train.cpus_per_worker", "must be >= 1")
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(self.lr > 0, "train.lr", "must be > 0")
+        _choice(self.precision, ["fp32", "bf16", "fp16"], "train.precision")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = once per epoch)")
+        _require(self.max_failures >= 0, "train.max_failures", "must be >= 0")
+
+
+@dataclass
+class FairConfig:
+    """Global fair assignment (METHODS.md §6)."""
+
+    eps: float = 0.0
+    method: str = "auto"
+    top_m: int | None = None
+    rho: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.eps >= 0, "fair.eps", "must be >= 0 (0 = exact proportions)")
+        _choice(self.method, ["auto", "exact", "auction", "lp"], "fair.method")
+        _require(self.top_m is None or self.top_m >= 1, "fair.top_m", "must be >= 1 or null (all clusters)")
+        if self.rho is not None:
+            _require(all(r > 0 for r in self.rho), "fair.rho", "every proportion must be > 0")
+            _require(abs(sum(self.rho) - 1.0) < 1e-6, "fair.rho", f"must sum to 1 (sums to {sum(self.rho):.6f})")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (METHODS.md §7): metrics overall and per protected attribute in ``groups``
+    (empty = every attribute in the manifest)."""
+
+    groups: list[str] = field(default_factory=list)
+    plots: bool = True
+
+
+@dataclass
+class JobConfig:
+    """The whole job. ``run_dir`` receives every stage's output and ``config.yaml``."""
+
+    run_dir: str = "runs/default"
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fair: FairConfig = field(default_factory=FairConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        import yaml
+
+        from dist_fair.io_atomic import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(value: Any, annotation: Any, field_name: str) -> Any:
+    """Convert a YAML value to the field's annotated type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config field '{field_name}': expected a mapping of its sub-fields, got {value!r}")
+        return _build(annotation, value, field_name)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        others = [a for a in args if a is not type(None)]
+        errors = []
+        for option in others:
+            try:
+                return _coerce(value, option, field_name)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"config field '{field_name}': bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{field_name}': expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{field_name}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field '{field_name}': expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config field '{field_name}': expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config field '{field_name}': expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config field '{field_name}': expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown config field(s) {', '.join(repr(f'{prefix}.{u}' if prefix else u) for u in unknown)} in {where}; "
+            f"known fields: {', '.join(sorted(known))}"
+        )
+    kwargs = {name: _coerce(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - all fields have defaults
+        raise ConfigError(f"config section '{prefix or 'job'}': {err}") from err
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=c`` into (["a", "b"], value); the value is read as YAML (``3e-4``, ``null``,
+    ``[1, 2]``, ``true``)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.field=value (e.g. train.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} names no field")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from err
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        value = float(value)  # YAML 1.1 reads '3e-4' as a string; '--set train.lr=3e-4' means a number
+    return path, value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Build the job config: defaults, then the YAML file at ``path``, then ``overrides``."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file (see launch/configs/)")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (ray:, data:, knn:, ...)")
+        values = loaded
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{key}' is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return _build(JobConfig, values)

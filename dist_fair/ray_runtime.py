@@ -1,0 +1,40 @@
+"""Starting or joining Ray (DESIGN.md, "Engines and how they start").
+
+``address=None`` starts a private local instance with the dashboard off and every port on
+localhost; ``"auto"`` or ``"ray://host:10001"`` joins a cluster the user started (``ray up
+launch/cluster.yaml`` or ``launch/slurm.sh``). If Ray is already initialised (tests, notebooks)
+it is reused as it is.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+LOG = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, include_dashboard: bool = False,
+             namespace: str = "dist_fair") -> None:
+    """Start or join Ray once per process; later calls are no-ops."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Progress output from Ray Data goes through our own logging; keep the console readable.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
+    kwargs: dict = {"namespace": namespace, "log_to_driver": True, "configure_logging": False}
+    if address is None:
+        kwargs.update(num_cpus=num_cpus, include_dashboard=include_dashboard,
+                      dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    else:
+        kwargs["address"] = address
+    LOG.info("starting Ray (%s)", "local instance" if address is None else f"joining {address}")
+    ray.init(**kwargs)
+
+
+def cluster_cpus() -> int:
+    """Total CPUs Ray reports for the cluster (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -1,0 +1,43 @@
+"""Shared fixtures. Ray is started once per test session, as a simulated two-node cluster
+(``ray.cluster_utils.Cluster``): every Ray test therefore also exercises the multi-node path."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the project; tests that need it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data sets not found at {SHARED_DATA} (expected ../shared/data beside the project)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A two-node Ray cluster simulated on this machine (2 logical CPUs per node), started once.
+
+    Yields the ``ray.cluster_utils.Cluster``; ``ray`` is initialised and connected to it.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "include_dashboard": False, "resources": {"node_head": 1}},
+    )
+    cluster.add_node(num_cpus=2, resources={"node_worker": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace="dist_fair_tests", log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
