@@ -1,0 +1,1 @@
+"""Data: the shard schema, shard writing and reading, and the sources that produce samples."""
