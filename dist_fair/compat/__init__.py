@@ -1,0 +1,1 @@
+"""Compatibility shims for the environments dist_fair runs in."""
