@@ -50,7 +50,7 @@ class DataConfig:
     source: str = "synth"
     shards: str | None = None
     preset: str = "balanced"
-    identities: int = 400
+    identities: int = 1000
     images_per_identity: float = 20.0
     dim: int = 128
     seed: int = 0
@@ -122,31 +122,51 @@ class ClusterConfig:
 
 @dataclass
 class TrainConfig:
-    """Ray Train + DeepSpeed training (DESIGN.md, "Engines")."""
+    """Ray Train + DeepSpeed training (DESIGN.md, "Engines"; dist_fair/train/).
+
+    ``batch_size`` is the GLOBAL batch (every step all workers together process ``batch_size``
+    rows, ``batch_size / workers`` each). ``deepspeed`` names a JSON file in ``launch/deepspeed/``
+    (``zero0_cpu`` .. ``zero3_cpu``, ``zero0_gpu`` .. ``zero3_gpu``) or is a path to one.
+    ``checkpoint_every`` counts optimizer steps (0 = at the end of every epoch only).
+    ``model=probe`` is the built-in MLP probe (embeddings -> identity) that exercises the engine;
+    ``hidden`` is its hidden width (0 = linear)."""
 
     model: str = "none"
     deepspeed: str = "zero0_cpu"
     workers: int = 1
     cpus_per_worker: int = 1
+    placement: str = "PACK"
     epochs: int = 2
     batch_size: int = 256
     lr: float = 3e-4
+    weight_decay: float = 0.0
     precision: str = "fp32"
     checkpoint_every: int = 0
     max_failures: int = 2
+    log_every: int = 50
+    prefetch: int = 4
+    hidden: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _choice(self.model, ["none", "intraformer", "clusformer", "dec", "imsat", "dfdc", "fair_dec", "fairoids"],
-                "train.model")
+        _choice(self.model, ["none", "probe", "intraformer", "clusformer", "dec", "imsat", "dfdc", "fair_dec",
+                             "fairoids"], "train.model")
+        _require(bool(self.deepspeed), "train.deepspeed", "name a file in launch/deepspeed/ (e.g. zero2_cpu) or give a path")
         _require(self.workers >= 1, "train.workers", "must be >= 1")
         _require(self.cpus_per_worker >= 1, "train.cpus_per_worker", "must be >= 1")
+        _choice(self.placement, ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], "train.placement")
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(self.batch_size % self.workers == 0, "train.batch_size",
+                 f"the global batch {self.batch_size} must be a multiple of train.workers={self.workers}")
         _require(self.lr > 0, "train.lr", "must be > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _choice(self.precision, ["fp32", "bf16", "fp16"], "train.precision")
         _require(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0 = once per epoch)")
-        _require(self.max_failures >= 0, "train.max_failures", "must be >= 0")
+        _require(self.max_failures >= -1, "train.max_failures", "must be >= 0, or -1 for unlimited restarts")
+        _require(self.log_every >= 1, "train.log_every", "must be >= 1 (optimizer steps between progress records)")
+        _require(self.prefetch >= 1, "train.prefetch", "must be >= 1 (batches queued ahead per worker)")
+        _require(self.hidden >= 0, "train.hidden", "must be >= 0 (0 = linear probe)")
 
 
 @dataclass

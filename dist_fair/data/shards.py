@@ -424,29 +424,31 @@ def write_shard(out_dir: str | Path, plan: ShardPlan, rows: Iterable[Block | Ima
     try:
         with open(tmp, "wb") as handle:
             writer = wds.TarWriter(handle, encoder=False, mtime=0.0, user="dist_fair", group="dist_fair")
-            for row in rows:
-                if kind == "embeddings":
-                    block = row
-                    n = len(block)
-                    if n == 0:
-                        continue
-                    _check_block(block, plan, expected, dim, attribute_names)
-                    writer.write(encode_block(f"{Path(plan.name).stem}-{blocks:06d}", block, order, dtype))
-                    _count_groups(block.attrs, attribute_names, totals)
-                    identities.update(np.unique(block.identity[block.identity >= 0]).tolist())
-                else:
-                    record = row
-                    n = 1
-                    if record.id != expected:
-                        raise DataError(f"shard {plan.name}: image id {record.id}, expected {expected}")
-                    writer.write(encode_image(f"{Path(plan.name).stem}-{record.id:09d}", record))
-                    _count_groups({a: np.array([v], np.int64) for a, v in record.attrs.items() if v is not None},
-                                  attribute_names, totals)
-                    if record.identity is not None:
-                        identities.add(int(record.identity))
-                expected += n
-                blocks += 1
-            writer.close()
+            try:
+                for row in rows:
+                    if kind == "embeddings":
+                        block = row
+                        n = len(block)
+                        if n == 0:
+                            continue
+                        _check_block(block, plan, expected, dim, attribute_names)
+                        writer.write(encode_block(f"{Path(plan.name).stem}-{blocks:06d}", block, order, dtype))
+                        _count_groups(block.attrs, attribute_names, totals)
+                        identities.update(np.unique(block.identity[block.identity >= 0]).tolist())
+                    else:
+                        record = row
+                        n = 1
+                        if record.id != expected:
+                            raise DataError(f"shard {plan.name}: image id {record.id}, expected {expected}")
+                        writer.write(encode_image(f"{Path(plan.name).stem}-{record.id:09d}", record))
+                        _count_groups({a: np.array([v], np.int64) for a, v in record.attrs.items() if v is not None},
+                                      attribute_names, totals)
+                        if record.identity is not None:
+                            identities.add(int(record.identity))
+                    expected += n
+                    blocks += 1
+            finally:
+                writer.close()
         written = expected - plan.first_id
         if written != plan.rows:
             raise DataError(f"shard {plan.name}: the producer gave {written} rows, the plan says {plan.rows}")
