@@ -149,16 +149,18 @@ def evaluate_stage(config: JobConfig, shards: StageOutcome, cluster: StageOutcom
         if unknown:
             raise ConfigError(f"config field 'eval.groups': unknown attribute(s) {unknown}; the shards have "
                               f"{list(labels.attribute_names)}")
-        report = evaluate_labels(pred[test], labels.identity[test], {g: labels.attrs[g][test] for g in groups},
-                                 {g: labels.attribute_names[g] for g in groups})
+        report = evaluate_labels(pred[test], labels.identity[test], groups,
+                                 attrs={g: labels.attrs[g][test] for g in groups},
+                                 attribute_names={g: labels.attribute_names[g] for g in groups})
         report["evaluated_on"] = ("test identities only (the validation identities used to choose the threshold "
                                   f"are excluded): {int(test.sum())} of {len(test)} samples")
         report["cluster"] = {k: v for k, v in cluster.info.items() if k != "grid"}
         write_report(report, folder, title=f"dist_fair report: {config.run_dir}")
-        for name in ("report.json", "report.md"):
+        for name in ("report.json", "report.md", "report.png"):
             if (folder / name).exists():
                 shutil.copyfile(folder / name, run_dir / name)
-        return {"pairwise_f": report.get("pairwise", {}).get("f"), "report": str(folder / "report.json")}
+        identity = report.get("identity") or {}
+        return {"pairwise_f": (identity.get("pairwise") or {}).get("f"), "report": str(folder / "report.json")}
 
     params = {"upstream": [shards.fingerprint, cluster.fingerprint], **asdict(config.eval)}
     return run_stage("evaluate", run_dir / "eval", params, work, fresh)

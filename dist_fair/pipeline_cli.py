@@ -42,7 +42,13 @@ def main(args: argparse.Namespace) -> int:
     if report.exists():
         summary = json.loads(report.read_text())
         print(f"report: {report.parent.parent / 'report.md'}")
+        identity = summary.get("identity") or {}
         for key in ("pairwise", "bcubed"):
-            if key in summary:
-                print(f"  {key:<9} F = {summary[key].get('f', float('nan')):.4f}")
+            if isinstance(identity.get(key), dict):
+                print(f"  {key:<9} F = {identity[key]['f']:.4f}")
+        for attr, block in (summary.get("attributes") or {}).items():
+            mean = ((block or {}).get("mean") or {}).get("pairwise")
+            std = ((block or {}).get("std") or {}).get("pairwise")
+            if mean and std:
+                print(f"  {attr:<9} per-group pairwise F: mean {mean['f']:.4f}, std {std['f']:.4f}")
     return 0
