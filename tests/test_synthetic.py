@@ -61,7 +61,7 @@ def test_groups_differ_in_separability():
         diff = ident[idx][:, None] != ident[idx][None, :]
         margins.append(sims[same].mean() - sims[diff].mean())
     caucasian, african = margins[RACES.index("Caucasian")], margins[RACES.index("African")]
-    assert caucasian > african + 0.1  # the easy group separates clearly better than the hard one
+    assert caucasian > african + 0.05  # the easy group separates clearly better than the hard one
     assert min(margins) > 0.15  # still clusterable
 
 

@@ -574,7 +574,15 @@ def write_shard_set(out_dir: str | Path, plans: Sequence[ShardPlan], producer: C
                                       fingerprint)] = plan
             ready, _ = ray.wait(list(pending), num_returns=1)
             plan = pending.pop(ready[0])
-            infos[plan.index] = ray.get(ready[0])
+            try:
+                infos[plan.index] = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as err:
+                for ref in pending:
+                    ray.cancel(ref)
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, Exception):  # show our own message, not Ray's wrapped traceback
+                    raise cause from None
+                raise
             bar.update(plan.rows)
     bar.close()
     ordered = [infos[p.index] for p in sorted(plans, key=lambda p: p.first_id)]
