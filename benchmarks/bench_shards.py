@@ -34,14 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class TreeMemorySampler:
-    """Peak summed RSS of every process started after ``start`` (the run's driver and Ray workers)."""
+    """Peak summed RSS of a process and all its descendants (a local Ray instance's GCS, raylet and
+    workers are descendants of the driver), sampled every ``interval`` seconds."""
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
         import psutil
 
         self.psutil = psutil
+        self.root = psutil.Process(pid)
         self.interval = interval
-        self.before = {p.pid for p in psutil.process_iter()}
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -49,10 +50,15 @@ class TreeMemorySampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             total = 0
-            for proc in self.psutil.process_iter(["pid", "memory_info"]):
-                if proc.info["pid"] in self.before or proc.info["memory_info"] is None:
-                    continue
-                total += proc.info["memory_info"].rss
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except self.psutil.Error:
+                break
+            for proc in procs:
+                try:
+                    total += proc.memory_info().rss
+                except self.psutil.Error:
+                    pass
             self.peak = max(self.peak, total)
             time.sleep(self.interval)
 
@@ -65,27 +71,36 @@ class TreeMemorySampler:
         self._thread.join()
 
 
+def run_tree(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``cmd``; return the completed process, wall seconds and peak tree RSS (MiB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    with TreeMemorySampler(proc.pid) as mem:
+        out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), wall, mem.peak / 2**20
+
+
 def run_synth(out: Path, identities: int, dim: int, workers: int) -> dict:
     cmd = [sys.executable, "-m", "dist_fair.cli", "shards", "synth", "--identities", str(identities), "--dim", str(dim),
            "--workers", str(workers), "--out", str(out), "--seed", "0"]
-    with TreeMemorySampler() as mem:
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        wall = time.perf_counter() - start
+    proc, wall, peak = run_tree(cmd)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     size = sum(p.stat().st_size for p in out.glob("*.tar"))
-    return {"wall_s": wall, "rows": summary["samples"], "bytes": size, "peak_mem_mib": mem.peak / 2**20}
+    return {"wall_s": wall, "rows": summary["samples"], "bytes": size, "peak_mem_mib": peak}
 
 
 def ray_idle_baseline() -> float:
     """Peak summed RSS (MiB) of an idle local Ray instance started the way the CLI starts it."""
     code = ("import time; from dist_fair.ray_runtime import init_ray; init_ray(); "
             "import ray; ray.get([ray.remote(lambda: 1).remote() for _ in range(2)]); time.sleep(3)")
-    with TreeMemorySampler() as mem:
-        subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
-    return mem.peak / 2**20
+    proc, _, peak = run_tree([sys.executable, "-c", code])
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    return peak
 
 
 def read_blocks(folder: Path) -> tuple[int, float]:
