@@ -17,6 +17,7 @@ from typing import Sequence
 COMMANDS: dict[str, str] = {
     "run": "dist_fair.pipeline_cli",
     "shards": "dist_fair.data.cli",
+    "embed": "dist_fair.embed.cli",
     "knn": "dist_fair.knn.cli",
     "train": "dist_fair.train.cli",
     "fair-assign": "dist_fair.fair.cli",
