@@ -73,10 +73,16 @@ class DataConfig:
 
 @dataclass
 class KNNConfig:
-    """kNN graph (METHODS.md §3): FAISS index shards on Ray actors, per-shard top-k merged."""
+    """kNN graph (METHODS.md §3): FAISS index shards on Ray actors, per-shard top-k merged
+    (``dist_fair.knn.build_knn_graph``). ``index``: auto (flat when N^2 * dim <= 2e12, else hnsw) |
+    flat (exact) | ivf | hnsw | ivfpq; ``workers``:
+    index actors, one contiguous id range each; ``nlist``/``train_size`` apply per index shard
+    (null = ~4*sqrt(rows) lists, 40*nlist training rows); ``recall_sample`` random queries are
+    checked against exact search; ``cpus_per_worker`` null = the cluster's CPUs / workers;
+    ``placement`` spread (actors on different nodes) or pack; ``max_restarts`` per failed actor."""
 
     k: int = 80
-    index: str = "flat"
+    index: str = "auto"
     workers: int = 1
     query_block: int = 16384
     nlist: int | None = None
@@ -88,10 +94,15 @@ class KNNConfig:
     rerank: int = 4
     recall_sample: int = 1000
     gpu: str = "auto"
+    train_size: int | None = None
+    cpus_per_worker: float | None = None
+    placement: str = "spread"
+    max_restarts: int = 3
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _require(self.k >= 2, "knn.k", "must be >= 2 (the sample itself is neighbour 0)")
-        _choice(self.index, ["flat", "ivf", "hnsw", "ivfpq"], "knn.index")
+        _choice(self.index, ["auto", "flat", "ivf", "hnsw", "ivfpq"], "knn.index")
         _require(self.workers >= 1, "knn.workers", "must be >= 1")
         _require(self.query_block >= 1, "knn.query_block", "must be >= 1")
         _require(self.nlist is None or self.nlist >= 1, "knn.nlist", "must be >= 1 or null (automatic: ~4*sqrt(N))")
@@ -99,18 +110,41 @@ class KNNConfig:
         _require(self.rerank >= 1, "knn.rerank", "must be >= 1 (candidates re-ranked = rerank * k)")
         _require(self.recall_sample >= 0, "knn.recall_sample", "must be >= 0 (0 skips the recall check)")
         _choice(self.gpu, ["auto", "yes", "no"], "knn.gpu")
+        _require(self.hnsw_m >= 2, "knn.hnsw_m", "must be >= 2 (HNSW links per node)")
+        _require(self.ef_construction >= 1 and self.ef_search >= 1, "knn.ef_construction/ef_search", "must be >= 1")
+        _require(self.pq_m >= 1, "knn.pq_m", "must be >= 1 (and divide the embedding dimension)")
+        _require(self.train_size is None or self.train_size >= 1, "knn.train_size",
+                 "must be >= 1 or null (automatic: 40 * nlist rows of each index shard)")
+        _require(self.cpus_per_worker is None or self.cpus_per_worker > 0, "knn.cpus_per_worker",
+                 "must be > 0 or null (automatic: the cluster's CPUs divided by knn.workers)")
+        _choice(self.placement, ["spread", "pack"], "knn.placement")
+        _require(self.max_restarts >= 0, "knn.max_restarts", "must be >= 0 (restarts of a failed index actor)")
 
 
 @dataclass
 class ClusterConfig:
     """Decoding to clusters (METHODS.md §4). ``method=threshold``: edges with similarity (or edge
     probability) above ``threshold`` joined by union-find; ``threshold=null`` chooses it on the
-    labelled validation identities by pairwise F, never on the test identities."""
+    labelled validation identities by pairwise F, never on the test identities. ``method=peak``:
+    the confidence-peak rule (``dist_fair/cluster/peak.py``), its floor chosen the same way.
+    With a trained model (``train.model`` intraformer/clusformer) the scores are predicted edge
+    probabilities, searched over ``prob_grid``; without one, cosine similarities over
+    ``threshold_grid``. ``val_context``: ``isolated`` decodes the validation samples with the edges
+    among themselves only; ``graph`` decodes the whole graph and scores the validation samples
+    (chaining through other samples then counts as it does for the test samples; see
+    ``dist_fair/cluster/edges.py``). ``infer_*``: edge inference on Ray (tasks at once, batch,
+    anchors per task)."""
 
     method: str = "threshold"
     threshold: float | None = None
     val_fraction: float = 0.2
     threshold_grid: list[float] = field(default_factory=lambda: [round(0.30 + 0.02 * i, 2) for i in range(33)])
+    prob_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)] +
+                                   [0.97, 0.98, 0.99, 0.995])
+    val_context: str = "isolated"
+    infer_workers: int = 2
+    infer_batch: int = 256
+    infer_rows_per_task: int = 8192
 
     def __post_init__(self) -> None:
         _choice(self.method, ["threshold", "peak"], "cluster.method")
@@ -118,6 +152,12 @@ class ClusterConfig:
                  "must be in [-1, 1] or null (chosen on the validation split)")
         _require(0.0 < self.val_fraction < 1.0, "cluster.val_fraction", "must be in (0, 1)")
         _require(len(self.threshold_grid) > 0, "cluster.threshold_grid", "must list at least one value")
+        _require(len(self.prob_grid) > 0 and all(0.0 <= p <= 1.0 for p in self.prob_grid), "cluster.prob_grid",
+                 "must list at least one edge probability in [0, 1]")
+        _choice(self.val_context, ["isolated", "graph"], "cluster.val_context")
+        _require(self.infer_workers >= 1, "cluster.infer_workers", "must be >= 1 (Ray tasks predicting edges at once)")
+        _require(self.infer_batch >= 1, "cluster.infer_batch", "must be >= 1 (anchors per forward pass)")
+        _require(self.infer_rows_per_task >= 1, "cluster.infer_rows_per_task", "must be >= 1 (anchors per Ray task)")
 
 
 @dataclass
@@ -127,9 +167,21 @@ class TrainConfig:
     ``batch_size`` is the GLOBAL batch (every step all workers together process ``batch_size``
     rows, ``batch_size / workers`` each). ``deepspeed`` names a JSON file in ``launch/deepspeed/``
     (``zero0_cpu`` .. ``zero3_cpu``, ``zero0_gpu`` .. ``zero3_gpu``) or is a path to one.
-    ``checkpoint_every`` counts optimizer steps (0 = at the end of every epoch only).
+    ``checkpoint_every`` counts optimizer steps (0 = at the end of every epoch only); ``log_every``
+    steps between records in ``metrics.jsonl``; ``prefetch`` batches read ahead per worker;
+    ``placement`` is Ray's placement strategy (``SPREAD``: workers on different nodes).
     ``model=probe`` is the built-in MLP probe (embeddings -> identity) that exercises the engine;
-    ``hidden`` is its hidden width (0 = linear)."""
+    ``hidden`` is its hidden width (0 = linear).
+
+    ``model=intraformer`` / ``clusformer`` (METHODS.md §4, ``dist_fair/models/intraformer.py``):
+    sequences of ``seq_len`` tokens (null = knn.k), model ``width``/``heads``/``layers``,
+    Intraformer ``sub_clusters`` (M) and ``cross`` (none | last: F_{M-1} queries F_0 | both | all:
+    every F_m queries F_0), ``sim_features`` (append each token's similarity row). Loss:
+    soft Fowlkes-Mallows + ``penalty_weight`` * purity ``penalty`` (none | upper_bound: global
+    gamma_f | group: spread of per-group mean purity over ``group_attribute``) + ``bce_weight`` *
+    BCE; the Clusformer uses BCE. ``train_fraction`` of the non-validation identities trains, the
+    rest is the test split; ``samples_per_epoch`` caps anchors per epoch; ``eval_anchors``
+    validation anchors are evaluated after every epoch."""
 
     model: str = "none"
     deepspeed: str = "zero0_cpu"
@@ -147,6 +199,21 @@ class TrainConfig:
     prefetch: int = 4
     hidden: int = 256
     seed: int = 0
+    seq_len: int | None = None
+    width: int = 64
+    heads: int = 4
+    layers: int = 1
+    sub_clusters: int = 4
+    cross: str = "last"
+    sim_features: bool = True
+    dropout: float = 0.0
+    penalty: str = "upper_bound"
+    penalty_weight: float = 1.0
+    bce_weight: float = 0.0
+    group_attribute: str = "race"
+    train_fraction: float = 0.5
+    samples_per_epoch: int | None = None
+    eval_anchors: int = 1024
 
     def __post_init__(self) -> None:
         _choice(self.model, ["none", "probe", "intraformer", "clusformer", "dec", "imsat", "dfdc", "fair_dec",
@@ -167,6 +234,24 @@ class TrainConfig:
         _require(self.log_every >= 1, "train.log_every", "must be >= 1 (optimizer steps between progress records)")
         _require(self.prefetch >= 1, "train.prefetch", "must be >= 1 (batches queued ahead per worker)")
         _require(self.hidden >= 0, "train.hidden", "must be >= 0 (0 = linear probe)")
+        _require(self.seq_len is None or self.seq_len >= 2, "train.seq_len",
+                 "must be >= 2 (anchor + neighbours) or null (= knn.k)")
+        _require(self.width >= 1 and self.heads >= 1 and self.width % self.heads == 0, "train.width",
+                 f"must be a positive multiple of train.heads={self.heads}")
+        _require(self.layers >= 1, "train.layers", "must be >= 1")
+        _require(self.sub_clusters >= 1, "train.sub_clusters", "must be >= 1 (contiguous sub-clusters of a sequence)")
+        _choice(self.cross, ["none", "last", "both", "all"], "train.cross")
+        _require(self.cross == "none" or self.sub_clusters >= 2, "train.cross",
+                 "the Cross Transformer block needs train.sub_clusters >= 2 (or train.cross=none)")
+        _require(0.0 <= self.dropout < 1.0, "train.dropout", "must be in [0, 1)")
+        _choice(self.penalty, ["none", "upper_bound", "group"], "train.penalty")
+        _require(self.penalty_weight >= 0, "train.penalty_weight", "must be >= 0 (lambda)")
+        _require(self.bce_weight >= 0, "train.bce_weight", "must be >= 0")
+        _require(0.0 < self.train_fraction < 1.0, "train.train_fraction",
+                 "must be in (0, 1): the share of the non-validation identities that trains (the rest is tested)")
+        _require(self.samples_per_epoch is None or self.samples_per_epoch >= 1, "train.samples_per_epoch",
+                 "must be >= 1 or null (every training anchor once per epoch)")
+        _require(self.eval_anchors >= 0, "train.eval_anchors", "must be >= 0 (validation anchors evaluated per epoch)")
 
 
 @dataclass

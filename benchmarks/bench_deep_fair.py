@@ -1,0 +1,368 @@
+"""Deep fair clustering on the dissertation's data (its Table 6.3; METHODS.md §5, §8).
+
+Data (``../shared/data``): MNIST-USPS and Reverse-MNIST (``digits/mnist_usps.npz``; protected
+attribute: the image source), Census/Adult (``tabular/adult.csv``; protected: sex; features: the
+dissertation's age, final-weight, education-num, capital-gain, hours-per-week; label: income) and
+Bank (``tabular/bank.csv``; protected: marital; features: age, balance, duration; label: y).
+
+Methods: k-means (sklearn, on the raw features), DEC, IMSAT, Fair-DEC, DFDC, Fairoids — the
+estimators of :mod:`dist_fair.deep.estimators`, trained in this process on one thread. Each is
+scored on the network's labels (``net``) and on the global fair assignment of its final soft
+assignments (``fair``, the dissertation's "ILP" rows): ACC, NMI, balance (eq 6.2), fairness
+(eq 6.3), FWD. Mean and standard deviation over the seeds are printed beside the published numbers.
+
+Compute is shared the way the dissertation's Algorithm 5 allows: DFDC starts from the fitted IMSAT
+of the same seed (its pre-training), Fair-DEC from the fitted DEC, and DEC and Fairoids from the
+same pre-trained autoencoder of the seed. Epoch counts are below Table 6.2's (see ``--help`` and
+the JSON's ``config``) to fit a 2-core machine; every finished (data set, method, seed) run is kept
+in ``--cache`` so an interrupted benchmark resumes. Labels are used for scoring only; no
+hyper-parameter was chosen by looking at them (defaults: the dissertation's Table 6.2 where it
+gives one, the original papers' otherwise).
+
+Outputs: ``results/bench_deep_fair.{csv,json}`` (the table, per-seed runs, targets) and
+``results/bench_deep_fair_curves.png`` (per-epoch ACC and balance of seed 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine_info, print_table, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = (ROOT / ".." / "shared" / "data").resolve()
+LOG = logging.getLogger("bench_deep_fair")
+
+DATASETS = ("mnist_usps", "reverse_mnist", "adult", "bank")
+METHODS = ("kmeans", "dec", "imsat", "fair_dec", "dfdc", "fairoids")
+METRICS = ("acc", "nmi", "balance", "fairness", "fwd")
+
+#: The dissertation's Table 6.3 (net / ILP rows): (ACC, NMI, balance). "ILP" = the fair assignment.
+PUBLISHED: dict[tuple[str, str, str], tuple[float, float, float]] = {
+    ("mnist_usps", "dec", "net"): (0.586, 0.686, 0.000),
+    ("mnist_usps", "imsat", "net"): (0.804, 0.787, 0.000),
+    ("mnist_usps", "fairoids", "net"): (0.725, 0.716, 0.039),
+    ("mnist_usps", "fair_dec", "net"): (0.783, 0.752, 0.118),
+    ("mnist_usps", "fair_dec", "fair"): (0.774, 0.746, 0.120),
+    ("mnist_usps", "dfdc", "net"): (0.939, 0.876, 0.119),
+    ("mnist_usps", "dfdc", "fair"): (0.936, 0.867, 0.120),
+    ("reverse_mnist", "dec", "net"): (0.401, 0.480, 0.000),
+    ("reverse_mnist", "imsat", "net"): (0.525, 0.630, 0.000),
+    ("reverse_mnist", "fairoids", "net"): (0.425, 0.506, 0.430),
+    ("reverse_mnist", "fair_dec", "net"): (0.539, 0.614, 0.937),
+    ("reverse_mnist", "fair_dec", "fair"): (0.509, 0.590, 1.000),
+    ("reverse_mnist", "dfdc", "net"): (0.589, 0.690, 0.946),
+    ("reverse_mnist", "dfdc", "fair"): (0.583, 0.680, 1.000),
+}
+
+#: Table 6.2 (lr, beta) and the epochs used here per data set (digits reduced for the 2-core machine).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "mnist_usps": dict(k=10, lr=5e-4, beta=4.0, imsat_epochs=30, fair_epochs=20, ae_epochs=20, dec_epochs=20),
+    "reverse_mnist": dict(k=10, lr=5e-4, beta=6.0, imsat_epochs=20, fair_epochs=15, ae_epochs=10, dec_epochs=10),
+    "adult": dict(k=2, lr=2e-4, beta=4.0, imsat_epochs=15, fair_epochs=15, ae_epochs=30, dec_epochs=30),
+    "bank": dict(k=2, lr=5e-4, beta=4.0, imsat_epochs=15, fair_epochs=15, ae_epochs=30, dec_epochs=30),
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+def load(dataset: str, limit: int | None) -> dict[str, Any]:
+    """``{"images" or None, "flat", "groups", "y", "group_names"}`` for one data set."""
+    if dataset in ("mnist_usps", "reverse_mnist"):
+        from dist_fair.data.digits import load_digits, source_names
+
+        images, y, groups = load_digits(dataset, DATA / "digits" / "mnist_usps.npz", limit=limit, flatten=False)
+        return {"images": images, "flat": images.reshape(len(images), -1), "groups": groups.astype(np.int64),
+                "y": y, "group_names": source_names(dataset)}
+    from dist_fair.data.table import load_table
+
+    if dataset == "adult":
+        data = load_table(DATA / "tabular" / "adult.csv", "sex", "income",
+                          features=["age", "final-weight", "education-num", "capital-gain", "hours-per-week"])
+        protected = "sex"
+    else:
+        data = load_table(DATA / "tabular" / "bank.csv", "marital", "y", features=["age", "balance", "duration"])
+        protected = "marital"
+    emb, groups, y = data.emb, data.attrs[protected].astype(np.int64), data.identity
+    if limit:
+        keep = np.random.default_rng(0).permutation(len(emb))[: limit * len(np.unique(groups))]
+        emb, groups, y = emb[keep], groups[keep], y[keep]
+    return {"images": None, "flat": emb, "groups": groups, "y": y, "group_names": data.attribute_names[protected]}
+
+
+def vat_radius(dataset: str, data: dict[str, Any], cache: Path, limit: int | None) -> np.ndarray:
+    """IMSAT's per-sample VAT radius, computed once per data set and cached."""
+    from dist_fair.deep.estimators import adaptive_vat_eps
+
+    path = cache / f"vat_eps_{dataset}_{limit or 'all'}.npy"
+    if path.is_file():
+        eps = np.load(path, allow_pickle=False)
+        if len(eps) == len(data["flat"]):
+            return eps
+    eps = adaptive_vat_eps(data["flat"])
+    from dist_fair.io_atomic import atomic_save_npy
+
+    atomic_save_npy(path, eps)
+    return eps
+
+
+# ----------------------------------------------------------------------------- runs
+
+def scores_of(model: Any) -> dict[str, Any]:
+    out = {k: float(v) for k, v in model.metrics_.items() if isinstance(v, (int, float)) and k.split("_")[0] in
+           ("net", "fair") and k.split("_", 1)[1] in METRICS}
+    return out
+
+
+def curves_of(model: Any) -> list[dict[str, Any]]:
+    keep = ("phase", "epoch", "seconds", "loss", "net_acc", "net_balance", "fair_acc", "fair_balance")
+    return [{k: h[k] for k in keep if k in h} for h in model.history_]
+
+
+def run_dataset(dataset: str, seeds: list[int], methods: list[str], cache: Path, limit: int | None,
+                epochs_scale: float) -> list[dict[str, Any]]:
+    """All methods x seeds on one data set; each finished run is cached as JSON."""
+    from dist_fair.deep.estimators import DEC, DFDC, IMSAT, FairDEC, Fairoids, clustering_scores, pretrain_autoencoder
+    from dist_fair.io_atomic import atomic_write_json
+
+    cfg = {k: (max(1, int(round(v * epochs_scale))) if k.endswith("epochs") else v)
+           for k, v in SETTINGS[dataset].items()}
+    data = load(dataset, limit)
+    X_img = data["images"] if data["images"] is not None else data["flat"]
+    X_flat, groups, y = data["flat"], data["groups"], data["y"]
+    k = cfg["k"]
+    eps = None
+    runs: list[dict[str, Any]] = []
+    LOG.info("%s: %d samples, groups %s, config %s", dataset, len(y), np.bincount(groups).tolist(), cfg)
+    for seed in seeds:
+        fitted: dict[str, Any] = {}
+        autoencoder = None
+
+        def cached(method: str) -> dict[str, Any] | None:
+            path = cache / f"{dataset}_{limit or 'all'}_{method}_{seed}.json"
+            if path.is_file():
+                record = json.loads(path.read_text())
+                if record.get("config") == cfg:
+                    return record
+            return None
+
+        def save(method: str, record: dict[str, Any]) -> None:
+            record.update(dataset=dataset, method=method, seed=seed, config=cfg)
+            atomic_write_json(cache / f"{dataset}_{limit or 'all'}_{method}_{seed}.json", record)
+            runs.append(record)
+            LOG.info("%s %s seed %d: %s (%.0f s)", dataset, method, seed,
+                     {k2: round(v, 3) for k2, v in record["scores"].items()}, record["seconds"])
+
+        def need(method: str, *dependents: str) -> bool:
+            """Run ``method`` if it or a dependent that starts from it is not cached yet."""
+            todo = [m for m in (method, *dependents) if m in methods and cached(m) is None]
+            for m in (method, *dependents):
+                record = cached(m)
+                if m in methods and record is not None and record not in runs:
+                    runs.append(record)
+            return bool(todo)
+
+        common = dict(random_state=seed, verbose=False)
+        if "kmeans" in methods and need("kmeans"):
+            from sklearn.cluster import KMeans
+
+            start = time.perf_counter()
+            labels = KMeans(k, n_init=10, random_state=seed).fit_predict(X_flat)
+            save("kmeans", {"scores": clustering_scores(labels, groups, y, "net"), "curves": [],
+                            "seconds": time.perf_counter() - start})
+        if need("imsat", "dfdc"):
+            if eps is None:
+                eps = vat_radius(dataset, data, cache, limit)
+            start = time.perf_counter()
+            imsat = IMSAT(n_clusters=k, epochs=cfg["imsat_epochs"], lr=cfg["lr"], vat_eps=eps, **common).fit(
+                X_img, groups, y=y)
+            fitted["imsat"] = imsat
+            if cached("imsat") is None:
+                save("imsat", {"scores": scores_of(imsat), "curves": curves_of(imsat),
+                               "seconds": time.perf_counter() - start})
+            if "dfdc" in methods and cached("dfdc") is None:
+                start = time.perf_counter()
+                dfdc = DFDC(n_clusters=k, epochs=cfg["fair_epochs"], lr=cfg["lr"], beta=cfg["beta"], vat_eps=eps,
+                            init_model=imsat, **common).fit(X_img, groups, y=y)
+                save("dfdc", {"scores": scores_of(dfdc), "curves": curves_of(imsat) + curves_of(dfdc),
+                              "seconds": time.perf_counter() - start + imsat_seconds(runs, dataset, seed)})
+        if need("dec", "fair_dec", "fairoids"):
+            start = time.perf_counter()
+            autoencoder = pretrain_autoencoder(X_flat, k, epochs=cfg["ae_epochs"], seed=seed)
+            ae_seconds = time.perf_counter() - start
+            if any(m in methods and cached(m) is None for m in ("dec", "fair_dec")):
+                start = time.perf_counter()
+                dec = DEC(n_clusters=k, epochs=cfg["dec_epochs"], init_model=autoencoder, **common).fit(
+                    X_flat, groups, y=y)
+                dec_seconds = time.perf_counter() - start + ae_seconds
+                if cached("dec") is None:
+                    save("dec", {"scores": scores_of(dec), "curves": autoencoder.history + curves_of(dec),
+                                 "seconds": dec_seconds})
+                if "fair_dec" in methods and cached("fair_dec") is None:
+                    start = time.perf_counter()
+                    fair_dec = FairDEC(n_clusters=k, epochs=cfg["fair_epochs"], beta=cfg["beta"], init_model=dec,
+                                       **common).fit(X_flat, groups, y=y)
+                    save("fair_dec", {"scores": scores_of(fair_dec), "curves": curves_of(dec) + curves_of(fair_dec),
+                                      "seconds": time.perf_counter() - start + dec_seconds})
+            if "fairoids" in methods and cached("fairoids") is None:
+                start = time.perf_counter()
+                fairoids = Fairoids(n_clusters=k, epochs=cfg["dec_epochs"], init_model=autoencoder, **common).fit(
+                    X_flat, groups, y=y)
+                save("fairoids", {"scores": scores_of(fairoids), "curves": autoencoder.history + curves_of(fairoids),
+                                  "seconds": time.perf_counter() - start + ae_seconds})
+        del fitted, autoencoder
+    return runs
+
+
+def imsat_seconds(runs: list[dict[str, Any]], dataset: str, seed: int) -> float:
+    for record in runs:
+        if record["dataset"] == dataset and record["method"] == "imsat" and record["seed"] == seed:
+            return float(record["seconds"])
+    return 0.0
+
+
+# ----------------------------------------------------------------------------- table
+
+def summarise(runs: list[dict[str, Any]], datasets: list[str], methods: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for dataset in datasets:
+        for method in methods:
+            mine = [r for r in runs if r["dataset"] == dataset and r["method"] == method]
+            if not mine:
+                continue
+            for labels in ("net", "fair"):
+                values = {m: [r["scores"].get(f"{labels}_{m}") for r in mine] for m in METRICS}
+                if all(v is None for v in values["balance"]):
+                    continue
+                row: dict[str, Any] = {"dataset": dataset, "method": method, "labels": labels, "seeds": len(mine)}
+                for m in METRICS:
+                    vals = [v for v in values[m] if v is not None]
+                    row[f"{m}_mean"] = float(np.mean(vals)) if vals else None
+                    row[f"{m}_std"] = float(np.std(vals)) if vals else None
+                published = PUBLISHED.get((dataset, method, labels))
+                row["pub_acc"], row["pub_nmi"], row["pub_balance"] = published or (None, None, None)
+                row["seconds_mean"] = float(np.mean([r["seconds"] for r in mine]))
+                rows.append(row)
+    return rows
+
+
+def check_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def get(dataset: str, method: str, labels: str, metric: str) -> float | None:
+        for row in rows:
+            if (row["dataset"], row["method"], row["labels"]) == (dataset, method, labels):
+                return row[f"{metric}_mean"]
+        return None
+
+    targets: dict[str, Any] = {}
+    acc, bal = get("mnist_usps", "dfdc", "net", "acc"), get("mnist_usps", "dfdc", "fair", "balance")
+    if acc is not None:
+        targets["mnist_usps: DFDC ACC >= 0.90"] = {"value": acc, "met": acc >= 0.90}
+    if bal is not None:
+        targets["mnist_usps: DFDC fair-assignment balance >= 0.119"] = {"value": bal, "met": bal >= 0.119}
+    bal, acc = get("reverse_mnist", "dfdc", "fair", "balance"), get("reverse_mnist", "dfdc", "net", "acc")
+    if bal is not None:
+        targets["reverse_mnist: DFDC fair-assignment balance = 1.000"] = {"value": bal, "met": round(bal, 3) == 1.0}
+    if acc is not None:
+        targets["reverse_mnist: DFDC ACC >= 0.55"] = {"value": acc, "met": acc >= 0.55}
+    for dataset in DATASETS:
+        fair_dec, dec = get(dataset, "fair_dec", "net", "balance"), get(dataset, "dec", "net", "balance")
+        if fair_dec is not None and dec is not None:
+            targets[f"{dataset}: Fair-DEC balance > DEC balance"] = {"value": [fair_dec, dec], "met": fair_dec > dec}
+    return targets
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({r["dataset"] for r in runs}, key=DATASETS.index)
+    fig, axes = plt.subplots(2, max(1, len(datasets)), figsize=(4.5 * max(1, len(datasets)), 7), squeeze=False)
+    for col, dataset in enumerate(datasets):
+        for method in METHODS:
+            run = next((r for r in runs if r["dataset"] == dataset and r["method"] == method and r["seed"] == min(
+                rr["seed"] for rr in runs if rr["dataset"] == dataset)), None)
+            if run is None or not run["curves"]:
+                continue
+            curve = [c for c in run["curves"] if "net_acc" in c]
+            x = np.arange(1, len(curve) + 1)
+            line, = axes[0, col].plot(x, [c["net_acc"] for c in curve], label=method)
+            axes[1, col].plot(x, [c["net_balance"] for c in curve], color=line.get_color(), label=f"{method} net")
+            fair = [(i + 1, c["fair_balance"]) for i, c in enumerate(curve) if "fair_balance" in c]
+            if fair and method in ("dfdc", "fair_dec"):
+                axes[1, col].plot(*zip(*fair), color=line.get_color(), linestyle="--", label=f"{method} fair")
+        axes[0, col].set_title(dataset)
+        axes[0, col].set_ylabel("ACC (network)")
+        axes[1, col].set_ylabel("balance")
+        axes[1, col].set_xlabel("epoch (after pre-training)")
+        axes[0, col].legend(fontsize=7)
+        axes[1, col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--limit", type=int, default=None, help="at most this many samples per group (quick runs)")
+    parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every epoch count (quick runs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--cache", default=str(RESULTS / "tmp" / "deep_fair"), help="per-run results (resume)")
+    parser.add_argument("--name", default="bench_deep_fair", help="results file name")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if not DATA.is_dir():
+        print(f"real data not found at {DATA}; nothing to benchmark")
+        return 0
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    for dataset in args.datasets:
+        runs += run_dataset(dataset, args.seeds, args.methods, cache, args.limit, args.epochs_scale)
+    rows = summarise(runs, args.datasets, args.methods)
+    shown = [{"dataset": r["dataset"], "method": r["method"], "labels": r["labels"],
+              "ACC": fmt(r["acc_mean"], r["acc_std"]), "pub ACC": r["pub_acc"],
+              "NMI": fmt(r["nmi_mean"], r["nmi_std"]), "pub NMI": r["pub_nmi"],
+              "balance": fmt(r["balance_mean"], r["balance_std"]), "pub bal": r["pub_balance"],
+              "fairness": fmt(r["fairness_mean"], r["fairness_std"]), "FWD": fmt(r["fwd_mean"], r["fwd_std"]),
+              "s/run": round(r["seconds_mean"])} for r in rows]
+    print_table(shown, f"Deep fair clustering, mean ± std over seeds {args.seeds} (published: dissertation Table 6.3)")
+    targets = check_targets(rows)
+    print("\nTargets:")
+    for name, result in targets.items():
+        print(f"  {'MET    ' if result['met'] else 'NOT MET'}  {name}: {result['value']}")
+    config = {"settings": {d: SETTINGS[d] for d in args.datasets}, "seeds": args.seeds, "limit": args.limit,
+              "epochs_scale": args.epochs_scale, "threads": args.threads, "wall_s": time.perf_counter() - start}
+    write_results(args.name, rows, extra={"config": config, "targets": targets,
+                                          "runs": [{k: v for k, v in r.items() if k != "curves"} for r in runs],
+                                          "curves_seed0": {f"{r['dataset']}/{r['method']}": r["curves"] for r in runs
+                                                           if r["seed"] == min(args.seeds)}})
+    plot_curves(runs, RESULTS / f"{args.name}_curves.png")
+    print(f"\nwrote {RESULTS / args.name}.csv/.json and {args.name}_curves.png ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def fmt(mean: float | None, std: float | None) -> str:
+    return "" if mean is None else f"{mean:.3f}±{std:.3f}"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
