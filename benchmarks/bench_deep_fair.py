@@ -117,6 +117,25 @@ def vat_radius(dataset: str, data: dict[str, Any], cache: Path, limit: int | Non
 
 # ----------------------------------------------------------------------------- runs
 
+#: Fair-assignment solves that failed with the default solver and were redone with method="exact"
+#: (recorded in the JSON; a solver error would otherwise discard hours of training).
+FALLBACKS: list[str] = []
+
+
+def fair_assign_with_fallback(probs: np.ndarray, groups: np.ndarray, **options: Any) -> Any:
+    """``dist_fair.fair.fair_assign``; on an error of the default (auction) solver, the exact one."""
+    from dist_fair.fair import fair_assign
+
+    try:
+        return fair_assign(probs, groups, **options)
+    except Exception as err:  # noqa: BLE001 - recorded and reported
+        if options.get("method") not in ("auto", "auction", None):
+            raise
+        FALLBACKS.append(f"{type(err).__name__}: {err}"[:300])
+        LOG.warning("fair assignment (auction) failed (%s); using method='exact'", err)
+        return fair_assign(probs, groups, **{**options, "method": "exact"})
+
+
 def scores_of(model: Any) -> dict[str, Any]:
     out = {k: float(v) for k, v in model.metrics_.items() if isinstance(v, (int, float)) and k.split("_")[0] in
            ("net", "fair") and k.split("_", 1)[1] in METRICS}
@@ -171,7 +190,7 @@ def run_dataset(dataset: str, seeds: list[int], methods: list[str], cache: Path,
                     runs.append(record)
             return bool(todo)
 
-        common = dict(random_state=seed, verbose=False)
+        common = dict(random_state=seed, verbose=False, fair_assign=fair_assign_with_fallback)
         if "kmeans" in methods and need("kmeans"):
             from sklearn.cluster import KMeans
 
@@ -350,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'MET    ' if result['met'] else 'NOT MET'}  {name}: {result['value']}")
     config = {"settings": {d: SETTINGS[d] for d in args.datasets}, "seeds": args.seeds, "limit": args.limit,
               "epochs_scale": args.epochs_scale, "threads": args.threads, "wall_s": time.perf_counter() - start}
-    write_results(args.name, rows, extra={"config": config, "targets": targets,
+    write_results(args.name, rows, extra={"config": config, "targets": targets, "fair_fallbacks": FALLBACKS,
                                           "runs": [{k: v for k, v in r.items() if k != "curves"} for r in runs],
                                           "curves_seed0": {f"{r['dataset']}/{r['method']}": r["curves"] for r in runs
                                                            if r["seed"] == min(args.seeds)}})

@@ -14,8 +14,8 @@ every 0.2 s; other programs on the machine are not counted) and the same minus a
 same-identity recall (of the neighbours in a sample's exact top-k that share its identity, the
 fraction found) on one fixed random sample of queries, dist_fair's own recall from knn.json, and
 the machine's 1-minute load average before/after each run (the machine may be shared: timings of
-runs under different load are not comparable). Children run with OMP_WAIT_POLICY=PASSIVE (unless
-set): on an oversubscribed machine spinning OpenMP threads otherwise slow faiss down many times.
+runs under different load are not comparable). Results are written after every run; --resume
+skips the runs already in the results file (long benchmarks on a busy machine).
 
 Data: `generate_synthetic_shards` (preset balanced, 46 images per identity on average, fp16
 shards), kept under benchmarks/results/tmp/ between runs. Ground truth: exact inner-product top-k
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, print_table, write_results  # noqa: E402
+from common import RESULTS, print_table, write_results  # noqa: E402
 
 TMP = RESULTS / "tmp"
 
@@ -202,8 +202,8 @@ def ground_truth(shards: Path, k: int, sample: int, seed: int) -> tuple[np.ndarr
 def measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
     """Run ``cmd``; return the completed process, wall seconds and peak MiB of its process tree."""
     start = time.perf_counter()
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
     sampler = TreeMemorySampler(proc.pid)
     out, err = proc.communicate()
     wall = time.perf_counter() - start
@@ -236,12 +236,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200_000, help="target samples (identities = n / 46)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=80)
-    parser.add_argument("--indexes", default="ivf,hnsw,ivfpq", help=f"comma list of {sorted(CONFIGS)}")
+    parser.add_argument("--indexes", default="hnsw,ivf,ivfpq", help=f"comma list of {sorted(CONFIGS)}")
     parser.add_argument("--workers", default="1,2", help="dist_fair worker counts")
     parser.add_argument("--recall-sample", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="bench_knn", help="results file stem")
     parser.add_argument("--keep-outputs", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="skip runs already in results/<name>.json")
     # child mode
     parser.add_argument("--child", choices=["faiss", "dist"], help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -272,17 +273,30 @@ def main() -> None:
     sample_ids, exact, identity = ground_truth(args.shards_dir, args.k, args.recall_sample, args.seed)
     print(f"ground truth: exact top-{args.k} of {sample_ids.size} queries [{time.perf_counter() - t:.0f} s]", flush=True)
     idle = idle_ray_mib()
+    title = f"kNN graph, k={args.k}, {manifest.num_samples} x {manifest.dim} BUPT-style (balanced), recall on " \
+            f"{sample_ids.size} queries"
+    extra = {"title": title, "idle_ray_peak_MiB": round(idle), "k": args.k,
+             "configs": {n: CONFIGS[n] for n in args.indexes.split(",")}, "recall_sample": int(sample_ids.size)}
     rows: list[dict[str, Any]] = []
+    previous = RESULTS / f"{args.name}.json"
+    if args.resume and previous.is_file():
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r.get("n") == manifest.num_samples
+                and not r.get("failed")]
     for name in args.indexes.split(","):
         reference: dict[str, Any] | None = None
         runs = [("faiss", 1)] + [("dist", int(w)) for w in args.workers.split(",")]
         for runner, workers in runs:
+            label = "faiss, 1 process" if runner == "faiss" else f"dist_fair, {workers} worker(s)"
+            done = [r for r in rows if r["index"] == name and r["runner"] == label]
+            if done:
+                reference = done[0] if runner == "faiss" else reference
+                continue
             out = TMP / f"out_{args.n}_{name}_{runner}{workers}"
             shutil.rmtree(out, ignore_errors=True)
             load_before = os.getloadavg()[0]
             res = child(args, runner, name, workers, out)
             row: dict[str, Any] = {"index": name, "params": json.dumps(CONFIGS[name])[1:-1].replace('"', ""),
-                                   "runner": "faiss, 1 process" if runner == "faiss" else f"dist_fair, {workers} worker(s)",
+                                   "runner": label,
                                    "n": manifest.num_samples}
             if res.get("failed"):
                 row.update(wall_s=round(res["wall_s"], 1), failed=True)
@@ -305,15 +319,12 @@ def main() -> None:
                 row["wall_vs_faiss"] = round(row["wall_s"] / reference["wall_s"], 3)
             rows.append(row)
             print_table([row])
+            write_results(args.name, rows, extra)  # after every run: a long benchmark keeps what it measured
             if not args.keep_outputs:
                 shutil.rmtree(out, ignore_errors=True)
-    title = f"kNN graph, k={args.k}, {manifest.num_samples} x {manifest.dim} BUPT-style (balanced), recall on " \
-            f"{sample_ids.size} queries"
     print_table(rows, title)
     print(f"\nidle local Ray instance (same sampler): {idle:.0f} MiB")
-    write_results(args.name, rows, {"title": title, "idle_ray_peak_MiB": round(idle), "k": args.k,
-                                    "configs": {n: CONFIGS[n] for n in args.indexes.split(",")},
-                                    "recall_sample": int(sample_ids.size), "machine_at_start": machine_info()})
+    write_results(args.name, rows, extra)
 
 
 if __name__ == "__main__":

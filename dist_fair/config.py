@@ -140,7 +140,7 @@ class ClusterConfig:
     val_fraction: float = 0.2
     threshold_grid: list[float] = field(default_factory=lambda: [round(0.30 + 0.02 * i, 2) for i in range(33)])
     prob_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)] +
-                                   [0.97, 0.98, 0.99, 0.995])
+                                   [0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999])
     val_context: str = "isolated"
     infer_workers: int = 2
     infer_batch: int = 256
@@ -179,7 +179,8 @@ class TrainConfig:
     every F_m queries F_0), ``sim_features`` (append each token's similarity row). Loss:
     soft Fowlkes-Mallows + ``penalty_weight`` * purity ``penalty`` (none | upper_bound: global
     gamma_f | group: spread of per-group mean purity over ``group_attribute``) + ``bce_weight`` *
-    BCE; the Clusformer uses BCE. ``train_fraction`` of the non-validation identities trains, the
+    BCE (default 1: with FM alone the edge probabilities saturate at 1 and training can stall);
+    the Clusformer uses BCE. ``train_fraction`` of the non-validation identities trains, the
     rest is the test split; ``samples_per_epoch`` caps anchors per epoch; ``eval_anchors``
     validation anchors are evaluated after every epoch."""
 
@@ -209,7 +210,7 @@ class TrainConfig:
     dropout: float = 0.0
     penalty: str = "upper_bound"
     penalty_weight: float = 1.0
-    bce_weight: float = 0.0
+    bce_weight: float = 1.0
     group_attribute: str = "race"
     train_fraction: float = 0.5
     samples_per_epoch: int | None = None

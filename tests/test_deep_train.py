@@ -28,6 +28,12 @@ def unfair_arrays(seed: int = 0) -> dict[str, np.ndarray]:
             "attr_group": g}
 
 
+def best_balance(arrays: dict[str, np.ndarray]) -> float:
+    """The balance of exactly proportional clusters: smallest over largest group."""
+    sizes = np.bincount(arrays["attr_group"])
+    return sizes.min() / sizes.max()
+
+
 def local_scores(model, arrays, options):
     """Single-process reference: the exported model's labels and the fair assignment of its y."""
     import torch
@@ -80,17 +86,20 @@ def test_dfdc_trains_on_two_workers_with_a_global_fair_assignment(ray_cluster, t
     result = train_deep(options, arrays, train, tmp_path, progress=False)
     records = check_run(result, arrays, options, 5)
     # the fair assignment of all N samples is recomputed after every epoch once it is needed
-    # (epochs 1.. feed the fair epochs 2..4) and is as fair as the rounding allows (0.3/0.7)
+    # (epochs 1.. feed the fair epochs 2..4) and is as fair as the rounding allows
+    best = best_balance(arrays)
     for record in records[1:]:
-        assert record["hook_fair_balance"] > 0.4 and record["hook_fair_fairness"] > 0.95
+        assert record["hook_fair_balance"] > best - 0.02 and record["hook_fair_fairness"] > 0.9
     assert "loss_fair" not in records[0] and records[-1]["loss_fair"] > 0
-    train_records = result.phases["cluster"].events("train")
-    assert train_records[-1]["loss"] < train_records[0]["loss"]
+    # the loss goes down within each phase (the fair term is added from epoch 2 on)
+    assert records[1]["loss"] < records[0]["loss"]
+    assert records[-1]["loss"] < records[2]["loss"]
     # fairness training makes the network itself fairer than the IMSAT epochs left it
     assert records[-1]["hook_net_balance"] > records[1]["hook_net_balance"]
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_fair_dec_trains_on_two_workers(ray_cluster, tmp_path):
     from dist_fair.deep.task import DeepOptions, train_deep
 
@@ -105,5 +114,5 @@ def test_fair_dec_trains_on_two_workers(ray_cluster, tmp_path):
     ae_epochs = result.phases["autoencoder"].events("epoch")
     assert len(ae_epochs) == 3 and ae_epochs[-1]["loss"] < ae_epochs[0]["loss"]
     records = check_run(result, arrays, options, 4)
-    assert all(r["hook_fair_balance"] > 0.4 for r in records)
+    assert all(r["hook_fair_balance"] > best_balance(arrays) - 0.02 for r in records)
     assert records[-1]["hook_net_fwd"] < records[0]["hook_net_fwd"]  # the network gets fairer

@@ -520,7 +520,8 @@ class IMSAT(_Discriminative):
             dissertation's eq 6.5: ``mu = 1``; IMSAT's own code uses ``mu = 4`` with ``gamma = 10``).
         vat_eps: VAT radius: a number, one value per sample, or ``"auto"`` (IMSAT's
             ``0.25 x`` distance to the 10th nearest neighbour, :func:`adaptive_vat_eps`).
-        vat_xi: finite-difference step of VAT's power iteration.
+        vat_xi: finite-difference step of VAT's power iteration (10, as in IMSAT's code; only the
+            direction of the resulting gradient is used).
         fair_assign, rho, fair_eps, fair_method, fair_top_m: the fair assignment of METHODS.md §6
             used for ``fair_labels_`` (target shares, flexible fairness, solver).
         init_model: a fitted IMSAT/DFDC to continue from.
@@ -529,7 +530,7 @@ class IMSAT(_Discriminative):
 
     def __init__(self, n_clusters: int = 10, backbone: str = "auto", hidden: Any = "auto",
                  image_shape: Sequence[int] | None = None, epochs: int = 60, batch_size: int = 256, lr: float = 5e-4,
-                 gamma: float = 1.0, mu: float = 1.0, alpha: float = 1e-4, vat_eps: Any = "auto", vat_xi: float = 1.0,
+                 gamma: float = 1.0, mu: float = 1.0, alpha: float = 1e-4, vat_eps: Any = "auto", vat_xi: float = 10.0,
                  fair_assign: Callable[..., Any] | None = None, rho: Any = None, fair_eps: float = 0.0,
                  fair_method: str = "auto", fair_top_m: int | None = None, init_model: Any = None,
                  random_state: int = 0, device: str = "cpu", verbose: bool = False) -> None:
@@ -573,7 +574,7 @@ class DFDC(_Discriminative):
                  image_shape: Sequence[int] | None = None, pretrain_epochs: int = 20, epochs: int = 40,
                  batch_size: int = 256, lr: float = 5e-4, beta: float = 4.0, gamma: float = 1.0, mu: float = 1.0,
                  alpha: float = 1e-4,
-                 vat_eps: Any = "auto", vat_xi: float = 1.0, fair_assign: Callable[..., Any] | None = None,
+                 vat_eps: Any = "auto", vat_xi: float = 10.0, fair_assign: Callable[..., Any] | None = None,
                  rho: Any = None, fair_eps: float = 0.0, fair_method: str = "auto", fair_top_m: int | None = None,
                  init_model: Any = None, random_state: int = 0, device: str = "cpu", verbose: bool = False) -> None:
         self.n_clusters = n_clusters

@@ -27,6 +27,8 @@ Per-epoch global quantities (epoch hook, all workers, after every epoch):
   would compute on all rows. Each worker keeps its share of ``y_hat`` in its state. (With the
   ``exact``/``lp`` solvers or a user callable the rows are gathered instead, rank 0 solves and
   broadcasts the labels: O(N * K) traffic, for moderate N only);
+- BatchNorm running statistics are averaged over the workers first (DeepSpeed does not
+  synchronise buffers), so every worker predicts with the same network, the one exported;
 - the metrics of both labelings (ACC, NMI, balance, fairness, FWD) from all-reduced cluster x group
   and cluster x class count tables (O(K * T) and O(K * C), independent of N).
 
@@ -93,7 +95,7 @@ class DeepOptions:
     beta: float = 4.0
     gamma: float = 1.0
     vat_eps: float = 1.0
-    vat_xi: float = 1.0
+    vat_xi: float = 10.0
     rho: Sequence[float] | None = None
     fair_eps: float = 0.0
     fair_method: str = "auto"
@@ -424,12 +426,29 @@ def _store_rows(ctx: Any, ids: np.ndarray) -> None:
     ctx.state["row_ids"] = ids
 
 
+def sync_batchnorm_stats(ctx: Any) -> None:
+    """Average the BatchNorm running statistics over the workers (in place, identical afterwards).
+
+    Each worker updates its running mean and variance on its own batches and DeepSpeed does not
+    synchronise buffers, so without this the workers would predict their shares with different
+    normalisations and the exported model (rank 0's) would differ from what was evaluated."""
+    import torch
+
+    module = _module(ctx)
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None:
+            for buffer in (layer.running_mean, layer.running_var):
+                total = ctx.collective.sum(buffer.detach().double().cpu().numpy())
+                buffer.copy_(torch.from_numpy(np.asarray(total) / ctx.world_size).to(buffer))
+
+
 def _refresh(ctx: Any, options: DeepOptions, next_epoch: int, last: bool) -> dict[str, float]:
     """Predict this worker's share; update DEC's target and the fair assignment; score both labelings."""
     from dist_fair.losses.deep_clustering import dec_target_distribution
 
     import torch
 
+    sync_batchnorm_stats(ctx)
     pred = _predict_share(ctx, options)
     _store_rows(ctx, pred.ids)
     metrics: dict[str, float] = {}

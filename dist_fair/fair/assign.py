@@ -179,16 +179,10 @@ def solve_shard(shard: Shard, reducer: Reducer | None = None, *, n_groups: int |
     upper = broadcast(reducer, fair.upper.ravel() if reducer.rank == 0 else None, np.int64).reshape(t, k)
     fair = FairTargets(lower, upper, fair.cluster_sizes, fair.group_sizes, fair.rho, fair.eps, fair.notes)
     places = make_places(fair)
-    spare = dummy_counts(fair)
-    if reducer.rank == 0:
-        dummy_cluster = np.repeat(np.arange(k), spare)
-    else:
-        dummy_cluster = np.zeros(0, dtype=np.int64)
-    dummy_ids = n_total + np.arange(dummy_cluster.size, dtype=np.int64)
-    persons = Persons(shard, places, dummy_cluster, dummy_ids)
+    persons = Persons(shard, places)
     agree_on_error(reducer, _unreachable_error(persons, reducer))
     state = run_auction(persons, reducer, auction_options)
-    result = exact_finish(persons, state, reducer, finish_options)
+    result = exact_finish(persons, state, dummy_counts(fair), reducer, finish_options)
     labels = places.cluster_of(result.assign[:cands.num_samples]).astype(np.int64)
     after_local = _count_matrix(groups, labels, t, k).ravel()
     changed_local = int((labels != argmax).sum())
@@ -201,11 +195,11 @@ def solve_shard(shard: Shard, reducer: Reducer | None = None, *, n_groups: int |
         raise DistFairError("internal error: the assignment does not meet the targets")  # pragma: no cover
     objective = n_total - result.primal
     lower_bound = n_total - result.dual
-    gap = max(objective - lower_bound, 0.0)
+    gap = objective - lower_bound
     report = FairAssignReport(
         method="auction", n_samples=n_total, n_clusters=k, n_groups=t, eps=float(eps), top_m=top_m,
         objective=objective, argmax_objective=n_total - argmax_total, lower_bound=lower_bound, gap=gap,
-        certified=bool(objective - lower_bound <= CERTIFICATE_TOLERANCE * max(n_total, 1)),
+        certified=bool(gap <= CERTIFICATE_TOLERANCE * max(n_total, 1)),
         samples_changed=int(extra[-1]), balance_before=balance_from_counts(before),
         balance_after=balance_from_counts(after), fairness_before=fairness_from_counts(before, fair.rho),
         fairness_after=fairness_from_counts(after, fair.rho), seconds=time.perf_counter() - start,

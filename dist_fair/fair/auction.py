@@ -1,36 +1,38 @@
-"""Scalable price phase: a forward auction with eps-scaling over (group, cluster) places.
+"""Scalable price phase: a forward auction with eps-scaling over (group, cluster) cells.
 
 The fair assignment (METHODS.md §6) is a transportation problem with few sinks and many sources:
+every sample i of group t takes one "cell" (t, j) among its candidate clusters j, value ``y_ij``.
+Cell (t, j) holds at most ``upper_tj`` samples, of which ``lower_tj`` are protected; cluster j's
+unprotected members (its "pool") number at most ``S_j = |C_j| - sum_t lower_tj``. When every sample
+is placed this is exactly "lower_tj <= n_tj <= upper_tj and n_j = |C_j|" (fixed targets: lower =
+upper, empty pools).
 
-- sinks ("places"): ``R_tj`` for every (group t, cluster j) with capacity ``lower_tj``, and, when
-  the targets are flexible (eps > 0), ``O_tj`` with capacity ``upper_tj - lower_tj``
-  (see :mod:`dist_fair.fair.exact` for why this split is exact);
-- persons: every sample (unit supply; it may take R_tj or O_tj of its own group t for each of its
-  candidate clusters j, value ``y_ij``) and, when eps > 0, ``E_j = sum_t upper_tj - |C_j|`` dummy
-  persons per cluster j that fill unused optional places of cluster j (any O_tj, value 0).
+Each cell has a price ``p_tj``; a sample's value for it is ``y_ij - p_tj``. The auction keeps every
+sample within eps of its best value (eps-complementary slackness):
 
-Each place s has a price ``p_s``. A person's value for s is ``y - p_s``; the auction keeps every
-person within eps of its best value (eps-complementary slackness) and fills every place:
+1. every unassigned sample picks its best cell (value v1) and the best value v2 among its other
+   clusters and bids ``b = y - v2 + eps`` (the price at which it would be indifferent, plus eps);
+2. acceptance is the greedy rule of this nested ("laminar") capacity structure: a cell keeps its
+   ``upper`` highest bids (holders and new bidders; equal bids: lower global id wins), its
+   ``lower`` highest are protected, and the unprotected members of cluster j keep the ``S_j``
+   highest; everyone else is outbid and becomes unassigned. A cell's price is the lowest bid that
+   would now be kept: ``min(R, max(G, Q))`` with R the lower-th highest bid of the cell, G its lowest
+   bid when full and Q the lowest pool bid of the cluster when the pool is full;
+3. eps starts at an eighth of the value range and shrinks 8x per phase; at the start of a phase the
+   holders that might violate eps-CS for the new eps are re-checked and unassigned if they do.
 
-1. every unassigned person i picks its best place s1 (value v1) and second best value v2 and bids
-   ``b_i = y_i,s1 - v2 + eps`` (the price at which it would become indifferent, plus eps);
-2. every place keeps the ``cap_s`` highest bids among its holders and new bidders (ties: lower
-   global id wins) and its price becomes the lowest kept bid; outbid holders become unassigned;
-3. eps starts at an eighth of the value range and shrinks by 8x per phase; at the start of a phase
-   holders that violate eps-CS for the new eps are unassigned.
-
-All bidders of a round are handled at once (vectorised NumPy, no per-sample Python loop). A phase
-stops once at most ``stop_fraction`` of the persons are unassigned (the long tail of a Jacobi
-auction moves a handful of persons per round and is left to the exact finish,
-:mod:`dist_fair.fair.finish`, which also makes the result exactly optimal: the auction only has to
-deliver good prices).
+All bidders of a round are handled at once (vectorised NumPy); bookkeeping per round is
+O(bidders + cells), not O(N). A phase ends once at most ``stop_fraction`` of the samples is
+unassigned: the long tail of a Jacobi auction moves a handful of samples per round and is left to
+the exact finish (:mod:`dist_fair.fair.finish`), which also makes the result exactly optimal - the
+auction only has to deliver good prices and a nearly complete assignment.
 
 Distributed (SPMD through a :class:`~dist_fair.fair.reducer.Reducer`): every worker holds its own
-samples; per round the workers sum the per-place bid counts (S = T K or 2 T K integers) and, for
-places that received more bids than free slots, find the exact k-th lowest bid by a radix
-selection over (bid, id) keys that exchanges a 257-entry histogram per such place per digit
-(typically 2-4 digits). Every decision depends only on exact counts and exact order statistics, so
-the result is the same for any number of workers.
+samples; per round the workers sum per-cell bid counts (O(T K) integers) and, for cells or pools
+that received more bids than free places, find the exact k-th lowest bid by a radix selection over
+(bid, id) keys that exchanges a 256-bin histogram per such cell per digit (typically 2-4 digits).
+Every decision rests on exact counts and exact order statistics, so the result is the same for
+any number of workers.
 """
 from __future__ import annotations
 
@@ -80,38 +82,39 @@ class Shard:
 
 @dataclass
 class Places:
-    """The sinks of the transportation problem: ``R_tj = t K + j`` and ``O_tj = T K + t K + j``."""
+    """The cells ``(t, j) -> t K + j`` with ``lower`` / ``upper`` bounds and, for flexible targets,
+    the pool capacity ``shared[j] = |C_j| - sum_t lower_tj`` of each cluster."""
 
     n_groups: int
     n_clusters: int
     bounded: bool
-    cap: np.ndarray  # (S,) int64
+    lower: np.ndarray                    # (T K,) int64
+    upper: np.ndarray                    # (T K,) int64
+    shared: np.ndarray                   # (K,) int64 (zeros when fixed)
+    cluster_sizes: np.ndarray            # (K,) int64
 
     @property
     def size(self) -> int:
-        return int(self.cap.size)
+        return int(self.upper.size)
 
-    def cluster_of(self, place: np.ndarray) -> np.ndarray:
-        return place % self.n_clusters
+    @property
+    def tk(self) -> int:
+        return self.n_groups * self.n_clusters
 
-    def group_of(self, place: np.ndarray) -> np.ndarray:
-        return (place // self.n_clusters) % self.n_groups
+    def cluster_of(self, cell: np.ndarray) -> np.ndarray:
+        return cell % self.n_clusters
+
+    def group_of(self, cell: np.ndarray) -> np.ndarray:
+        return cell // self.n_clusters
 
 
 def make_places(targets: FairTargets) -> Places:
-    """Places and capacities for fixed (R only) or bounded (R and O) targets."""
-    reserved = targets.lower.ravel().astype(np.int64)
-    if targets.fixed:
-        return Places(targets.n_groups, targets.n_clusters, False, reserved)
-    optional = (targets.upper - targets.lower).ravel().astype(np.int64)
-    return Places(targets.n_groups, targets.n_clusters, True, np.concatenate([reserved, optional]))
-
-
-def dummy_counts(targets: FairTargets) -> np.ndarray:
-    """``E_j = sum_t upper_tj - |C_j|`` dummy persons per cluster (all zero for fixed targets)."""
-    if targets.fixed:
-        return np.zeros(targets.n_clusters, dtype=np.int64)
-    return (targets.upper.sum(axis=0) - targets.cluster_sizes).astype(np.int64)
+    """Cells and capacities of the targets."""
+    lower = targets.lower.ravel().astype(np.int64)
+    upper = targets.upper.ravel().astype(np.int64)
+    shared = (targets.cluster_sizes - targets.lower.sum(axis=0)).astype(np.int64)
+    return Places(targets.n_groups, targets.n_clusters, not targets.fixed, lower, upper, shared,
+                  targets.cluster_sizes.astype(np.int64))
 
 
 def float_key(x: np.ndarray) -> np.ndarray:
@@ -197,51 +200,95 @@ def _radix_select(pos: np.ndarray, hi: np.ndarray, lo: np.ndarray, k: np.ndarray
     return key_float(pre_hi), (_MAX_ID - pre_lo.astype(np.int64)).astype(np.int64)
 
 
-class _Holders:
-    """This worker's assigned persons, sorted by (place, bid, -id)."""
+class _Book:
+    """This worker's holders: a part sorted by (place, bid, -id) with a head pointer per place
+    (outbids always remove a place's lowest keys, so everything before the head is gone) and an
+    unsorted part of holders accepted since the last rebuild. O(bidders) work per round."""
 
-    def __init__(self, place: np.ndarray, bid: np.ndarray, gid: np.ndarray, loc: np.ndarray) -> None:
+    def __init__(self, n_places: int, place: np.ndarray, bid: np.ndarray, gid: np.ndarray, loc: np.ndarray) -> None:
+        self.n_places = n_places
         order = np.lexsort((-gid, bid, place))
         self.place, self.bid, self.gid, self.loc = place[order], bid[order], gid[order], loc[order]
+        bounds = np.searchsorted(self.place, np.arange(n_places + 1))
+        self.head, self.end = bounds[:-1].copy(), bounds[1:]
+        self.d_place = np.zeros(0, dtype=np.int64)
+        self.d_bid = np.zeros(0)
+        self.d_gid = np.zeros(0, dtype=np.int64)
+        self.d_loc = np.zeros(0, dtype=np.int64)
 
-    def segments(self, places: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.searchsorted(self.place, places, "left"), np.searchsorted(self.place, places, "right")
+    def lowest(self, places: np.ndarray, counts: np.ndarray):
+        """Candidates for the lowest ``counts`` holders of each place: (place, bid, id, src) with
+        src >= 0 a sorted-part index and src < 0 an unsorted-part index ``-src - 1``."""
+        take = np.minimum(counts, self.end[places] - self.head[places])
+        idx = _ranges(self.head[places], take)
+        wanted = np.zeros(self.n_places, dtype=bool)
+        wanted[places] = True
+        didx = np.flatnonzero(wanted[self.d_place]) if self.d_place.size else np.zeros(0, dtype=np.int64)
+        return (np.concatenate([self.place[idx], self.d_place[didx]]),
+                np.concatenate([self.bid[idx], self.d_bid[didx]]),
+                np.concatenate([self.gid[idx], self.d_gid[didx]]),
+                np.concatenate([idx, -didx - 1]))
 
-    def remove(self, idx: np.ndarray) -> None:
-        if idx.size == 0:
-            return
-        keep = np.ones(self.place.size, dtype=bool)
-        keep[idx] = False
-        self.place, self.bid, self.gid, self.loc = self.place[keep], self.bid[keep], self.gid[keep], self.loc[keep]
+    def loc_of(self, src: np.ndarray) -> np.ndarray:
+        out = np.empty(src.size, dtype=np.int64)
+        book = src >= 0
+        out[book] = self.loc[src[book]]
+        out[~book] = self.d_loc[-src[~book] - 1]
+        return out
 
-    def insert(self, place: np.ndarray, bid: np.ndarray, gid: np.ndarray, loc: np.ndarray) -> None:
-        if place.size == 0:
-            return
-        order = np.lexsort((-gid, bid, place))
-        place, bid, gid, loc = place[order], bid[order], gid[order], loc[order]
-        lo, hi = self.segments(place)
-        while True:
-            active = lo < hi
-            if not active.any():
-                break
-            mid = (lo + hi) // 2
-            safe = np.minimum(mid, max(self.place.size - 1, 0))
-            go = active & key_less(self.bid[safe], self.gid[safe], bid, gid)
-            lo = np.where(go, mid + 1, lo)
-            hi = np.where(active & ~go, mid, hi)
-        self.place = np.insert(self.place, lo, place)
-        self.bid = np.insert(self.bid, lo, bid)
-        self.gid = np.insert(self.gid, lo, gid)
-        self.loc = np.insert(self.loc, lo, loc)
+    def drop(self, src: np.ndarray) -> None:
+        book = src[src >= 0]
+        if book.size:
+            self.head += np.bincount(self.place[book], minlength=self.n_places)
+        delta = -src[src < 0] - 1
+        if delta.size:
+            keep = np.ones(self.d_place.size, dtype=bool)
+            keep[delta] = False
+            self.d_place, self.d_bid, self.d_gid, self.d_loc = (
+                self.d_place[keep], self.d_bid[keep], self.d_gid[keep], self.d_loc[keep])
+
+    def add(self, place: np.ndarray, bid: np.ndarray, gid: np.ndarray, loc: np.ndarray) -> None:
+        self.d_place = np.concatenate([self.d_place, place])
+        self.d_bid = np.concatenate([self.d_bid, bid])
+        self.d_gid = np.concatenate([self.d_gid, gid])
+        self.d_loc = np.concatenate([self.d_loc, loc])
+        if self.d_place.size > max(4096, self.place.size // 4):
+            live = np.arange(self.place.size) >= self.head[self.place]
+            self.__init__(self.n_places, np.concatenate([self.place[live], self.d_place]),
+                          np.concatenate([self.bid[live], self.d_bid]),
+                          np.concatenate([self.gid[live], self.d_gid]),
+                          np.concatenate([self.loc[live], self.d_loc]))
+
+
+def _stage(book: _Book, seg_of_place: np.ndarray, k: np.ndarray, bid_place: np.ndarray, bid: np.ndarray,
+           bid_gid: np.ndarray, active: np.ndarray, reducer: Reducer):
+    """One acceptance step: in every segment (a set of places) keep all but the ``k`` lowest keys
+    among holders and active bids. Returns per segment the lowest kept key, the sorted-part/unsorted
+    sources of evicted holders, and the rejected bids (mask)."""
+    places = np.flatnonzero(seg_of_place >= 0)
+    hp, hb, hg, hsrc = book.lowest(places, k[seg_of_place[places]] + 1)
+    bpos = np.where(active, seg_of_place[bid_place], -1)
+    mine = bpos >= 0
+    pos = np.concatenate([seg_of_place[hp], bpos[mine]])
+    thr_bid, thr_gid = select_kth(pos, np.concatenate([hb, bid[mine]]), np.concatenate([hg, bid_gid[mine]]), k,
+                                  reducer)
+    hseg = seg_of_place[hp]
+    evicted = hsrc[key_less(hb, hg, thr_bid[hseg], thr_gid[hseg])]
+    rejected = np.zeros(bid.size, dtype=bool)
+    safe = np.where(mine, bpos, 0)
+    rejected[mine] = key_less(bid[mine], bid_gid[mine], thr_bid[safe[mine]], thr_gid[safe[mine]])
+    return thr_bid, evicted, rejected
 
 
 @dataclass
 class AuctionState:
     """Result of the price phase on one worker."""
 
-    prices: np.ndarray          # (S,) global prices (inf for places without capacity)
-    assign: np.ndarray          # (n_local_persons,) place or -1
-    column: np.ndarray          # (n_local_persons,) candidate column of the place's cluster (group for dummies)
+    prices: np.ndarray          # (S,) effective prices (inf for places without capacity)
+    assign: np.ndarray          # (n,) place or -1
+    column: np.ndarray          # (n,) candidate column of the place's cluster
+    bids: np.ndarray            # (n,) bid of each holder
+    bid_eps: np.ndarray         # (n,) eps of the phase in which it bid
     rounds: int
     phases: int
     unassigned: int
@@ -249,22 +296,19 @@ class AuctionState:
 
 
 class Persons:
-    """One worker's persons: its samples, then (on rank 0) the dummy persons of eps > 0."""
+    """One worker's samples seen as bidders for places."""
 
-    def __init__(self, shard: Shard, places: Places, dummy_cluster: np.ndarray, dummy_ids: np.ndarray) -> None:
+    def __init__(self, shard: Shard, places: Places) -> None:
         self.shard = shard
         self.places = places
         self.value = shard.cands.value
         self.index = shard.cands.index
         self.groups = shard.groups
         self.n_samples = shard.cands.num_samples
-        self.dummy_cluster = dummy_cluster.astype(np.int64)
-        self.gid = np.concatenate([shard.ids.astype(np.int64), dummy_ids.astype(np.int64)])
-        self.size = self.gid.size
-        t, k = places.n_groups, places.n_clusters
-        self.tk = t * k
+        self.size = self.n_samples
+        self.gid = shard.ids.astype(np.int64)
+        self.tk = places.tk
 
-    # ------------------------------------------------------------------ price views
     def price_views(self, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         t, k = self.places.n_groups, self.places.n_clusters
         pr = prices[:self.tk].reshape(t, k)
@@ -277,9 +321,12 @@ class Persons:
             return table[g]
         return table[g[:, None], self.index[rows]]
 
+    def clusters(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.shard.cands.clusters(rows), dtype=np.int64)
+
     def sample_options(self, rows: np.ndarray, prices: np.ndarray):
-        """Values of every option of the given sample rows: ``(y, vR, vO)`` with ``vR = y - p_R``,
-        ``vO = y - p_O`` (None without optional places), each ``(len(rows), m)`` float64."""
+        """``(y, vR, vO)``: values and ``y - p`` of R and O places (vO None when fixed), each
+        ``(len(rows), m)`` float64."""
         pr, po = self.price_views(prices)
         y = self.value[rows].astype(np.float64)
         v_r = y - self._gather(pr, rows)
@@ -287,18 +334,15 @@ class Persons:
         return y, v_r, v_o
 
     def sample_best(self, rows: np.ndarray, prices: np.ndarray):
-        """Best option of each sample row: (place, column, y at it, v1, v2) with v2 the best value
-        among all other options (the other place of the same cluster included)."""
+        """Best place of each row: (place, column, y there, v1, v2), v2 = best value among all other
+        options (the other place of the same cluster included)."""
         y, v_r, v_o = self.sample_options(rows, prices)
         b = len(rows)
         r = np.arange(b)
-        if v_o is None:
-            v = v_r
-            use_o = np.zeros(b, dtype=bool)
-        else:
-            v = np.maximum(v_r, v_o)
+        v = v_r if v_o is None else np.maximum(v_r, v_o)
         col = np.argmax(v, axis=1)
         v1 = v[r, col]
+        use_o = np.zeros(b, dtype=bool)
         if v_o is not None:
             use_o = v_o[r, col] > v_r[r, col]
             other = np.minimum(v_r[r, col], v_o[r, col])
@@ -311,49 +355,28 @@ class Persons:
         place = g * self.places.n_clusters + cluster + np.where(use_o, self.tk, 0)
         return place, col, y[r, col], v1, v2
 
-    def dummy_best(self, rows: np.ndarray, prices: np.ndarray):
-        """Best option of dummy persons (local rows >= n_samples): their cheapest O_tj."""
-        _, po = self.price_views(prices)
-        j = self.dummy_cluster[rows - self.n_samples]
-        v = -po[:, j].T  # (b, T)
-        r = np.arange(len(rows))
-        t1 = np.argmax(v, axis=1)
-        v1 = v[r, t1]
-        v[r, t1] = -np.inf
-        v2 = v.max(axis=1) if v.shape[1] > 1 else np.full(len(rows), -np.inf)
-        place = self.tk + t1 * self.places.n_clusters + j
-        return place, t1, np.zeros(len(rows)), v1, v2
-
     def best(self, rows: np.ndarray, prices: np.ndarray):
-        """(place, column, y, v1, v2) for any local rows (samples and dummies), blockwise."""
+        """(place, column, y, v1, v2) for any local rows, blockwise."""
         out_place = np.empty(rows.size, dtype=np.int64)
         out_col = np.empty(rows.size, dtype=np.int64)
         out_y, out_v1, out_v2 = (np.empty(rows.size) for _ in range(3))
-        is_sample = rows < self.n_samples
-        for mask, fn in ((is_sample, self.sample_best), (~is_sample, self.dummy_best)):
-            sel = np.flatnonzero(mask)
-            for start in range(0, sel.size, BLOCK_ROWS):
-                part = sel[start:start + BLOCK_ROWS]
-                p, c, y, v1, v2 = fn(rows[part], prices)
-                out_place[part], out_col[part], out_y[part], out_v1[part], out_v2[part] = p, c, y, v1, v2
+        for start in range(0, rows.size, BLOCK_ROWS):
+            part = slice(start, start + BLOCK_ROWS)
+            out_place[part], out_col[part], out_y[part], out_v1[part], out_v2[part] = \
+                self.sample_best(rows[part], prices)
         return out_place, out_col, out_y, out_v1, out_v2
 
     def current_value(self, rows: np.ndarray, place: np.ndarray, column: np.ndarray,
                       prices: np.ndarray) -> np.ndarray:
-        """``y - p`` of each row's current place."""
-        out = np.empty(rows.size)
-        is_sample = rows < self.n_samples
-        s = np.flatnonzero(is_sample)
-        out[s] = self.value[rows[s], column[s]].astype(np.float64) - prices[place[s]]
-        d = np.flatnonzero(~is_sample)
-        out[d] = -prices[place[d]]
-        return out
+        """``y - p`` at each row's current place."""
+        return self.value[rows, column].astype(np.float64) - prices[place]
 
     def unreachable(self) -> str | None:
-        """A reason why this worker's samples cannot be placed, or None (cheap necessary
-        conditions: every sample has a candidate cluster where its group may go, and every
-        reserved place ``R_tj`` is listed by at least ``lower_tj`` samples of group t)."""
+        """A reason why a local sample cannot be placed at all, or None (it has no candidate
+        cluster where its group may go)."""
         places = self.places
+        if self.index is None and places.bounded is False:
+            return None  # dense and fixed: every group has a cluster with n_tj > 0
         prices = np.where(places.cap > 0, 0.0, np.inf)
         for start in range(0, self.n_samples, BLOCK_ROWS):
             rows = np.arange(start, min(start + BLOCK_ROWS, self.n_samples))
@@ -382,80 +405,93 @@ def run_auction(persons: Persons, reducer: Reducer, options: AuctionOptions | No
     """The eps-scaling forward auction (module docstring). SPMD: call on every worker."""
     opts = options or AuctionOptions()
     places = persons.places
-    cap = places.cap
-    n_persons_total = int(reducer.allreduce_sum(np.array([persons.size], dtype=np.int64))[0])
-    vmax = persons.value.max() if persons.n_samples else 0.0
-    value_range = float(allreduce_max(reducer, np.array([vmax], dtype=np.float64))[0])
-    value_range = max(value_range, 1e-12)
+    cap, tk, k_count = places.cap, places.tk, places.n_clusters
+    size = places.size
+    n_total = int(reducer.allreduce_sum(np.array([persons.size], dtype=np.int64))[0])
+    vmax = float(persons.value.max()) if persons.size else 0.0
+    value_range = max(float(allreduce_max(reducer, np.array([vmax]))[0]), 1e-12)
     big = value_range + 1.0
-    stop = int(opts.stop_fraction * n_persons_total)
-
+    stop = int(opts.stop_fraction * n_total)
     prices = np.where(cap > 0, 0.0, np.inf)
+    q = np.where(places.shared > 0, 0.0, np.inf) if places.bounded else None
     assign = np.full(persons.size, -1, dtype=np.int64)
     column = np.zeros(persons.size, dtype=np.int64)
     bids = np.zeros(persons.size)
-    held = np.zeros(places.size, dtype=np.int64)  # global holders per place
+    bid_eps = np.zeros(persons.size)
+    held = np.zeros(size, dtype=np.int64)
     gid = persons.gid
     eps = opts.eps_start * value_range
     eps_end = opts.eps_end * value_range
+    unassigned = np.arange(persons.size)
     rounds = phases = 0
     log: list[str] = []
+    waiting = n_total
     while True:
         phases += 1
-        # phase start: unassign holders that violate eps-CS for the new eps
-        holders = np.flatnonzero(assign >= 0)
-        if holders.size or phases > 1:
-            _, _, _, v1, _ = persons.best(holders, prices)
-            current = persons.current_value(holders, assign[holders], column[holders], prices)
-            violate = holders[current < v1 - eps]
-            removed = np.bincount(assign[violate], minlength=places.size).astype(np.int64)
-            held -= reducer.allreduce_sum(removed)
+        if phases > 1:  # holders that might now violate eps-CS are re-checked (the rest provably do not)
+            eff = effective_prices(places, prices, q)
+            hold = np.flatnonzero(assign >= 0)
+            suspect = hold[bids[hold] - eff[assign[hold]] < bid_eps[hold] - eps]
+            _, _, _, v1, _ = persons.best(suspect, eff)
+            current = persons.current_value(suspect, assign[suspect], column[suspect], eff)
+            violate = suspect[current < v1 - eps]
+            held -= reducer.allreduce_sum(np.bincount(assign[violate], minlength=size).astype(np.int64))
             assign[violate] = -1
+            unassigned = np.flatnonzero(assign < 0)
         keep = np.flatnonzero(assign >= 0)
-        book = _Holders(assign[keep], bids[keep], gid[keep], keep)
+        book = _Book(size, assign[keep], bids[keep], gid[keep], keep)
         phase_rounds = 0
         while phase_rounds < opts.max_rounds:
-            bidders = np.flatnonzero(assign < 0)
-            waiting = int(reducer.allreduce_sum(np.array([bidders.size], dtype=np.int64))[0])
+            waiting = int(reducer.allreduce_sum(np.array([unassigned.size], dtype=np.int64))[0])
             if waiting <= stop or waiting == 0:
                 break
             phase_rounds += 1
-            place, col, y1, v1, v2 = persons.best(bidders, prices)
-            v2 = np.maximum(v2, v1 - big)
-            bid = (y1 - v2 + eps) + 0.0
+            eff = effective_prices(places, prices, q)
+            bidders = unassigned
+            place, col, y1, v1, v2 = persons.best(bidders, eff)
+            bid = (y1 - np.maximum(v2, v1 - big) + eps) + 0.0
             bgid = gid[bidders]
-            counts = reducer.allreduce_sum(np.bincount(place, minlength=places.size).astype(np.int64))
+            counts = reducer.allreduce_sum(np.bincount(place, minlength=size).astype(np.int64))
             total = held + counts
             full = np.flatnonzero((counts > 0) & (total >= cap))
-            k = total[full] - cap[full]
-            posmap = np.full(places.size, -1, dtype=np.int64)
-            posmap[full] = np.arange(full.size)
-            start, end = book.segments(full)
-            take = np.minimum(k + 1, end - start)
-            hidx = _ranges(start, take)
-            bpos = posmap[place]
-            to_full = bpos >= 0
-            cand_pos = np.concatenate([np.repeat(np.arange(full.size), take), bpos[to_full]])
-            cand_bid = np.concatenate([book.bid[hidx], bid[to_full]])
-            cand_gid = np.concatenate([book.gid[hidx], bgid[to_full]])
-            thr_bid, thr_gid = select_kth(cand_pos, cand_bid, cand_gid, k, reducer)
-            hp = posmap[book.place[hidx]]
-            evicted = hidx[key_less(book.bid[hidx], book.gid[hidx], thr_bid[hp], thr_gid[hp])]
-            accept = np.ones(bidders.size, dtype=bool)
-            safe = np.where(to_full, bpos, 0)
-            accept[to_full] = ~key_less(bid[to_full], bgid[to_full], thr_bid[safe[to_full]], thr_gid[safe[to_full]])
-            assign[book.loc[evicted]] = -1
-            book.remove(evicted)
-            won = bidders[accept]
-            assign[won], column[won], bids[won] = place[accept], col[accept], bid[accept]
-            book.insert(place[accept], bid[accept], bgid[accept], won)
-            prices[full] = thr_bid
+            seg = np.full(size, -1, dtype=np.int64)
+            seg[full] = np.arange(full.size)
+            thr, evicted, rejected = _stage(book, seg, total[full] - cap[full], place, bid, bgid,
+                                            np.ones(bidders.size, dtype=bool), reducer)
+            evicted_loc = [book.loc_of(evicted)]
+            book.drop(evicted)
+            prices[full] = np.maximum(prices[full], thr)
             held = np.where(counts > 0, np.minimum(total, cap), held)
+            if places.bounded:  # optional places: cluster cap S_j over all groups
+                passed = ~rejected & (place >= tk)
+                pass_counts = reducer.allreduce_sum(
+                    np.bincount(place[passed] % k_count, minlength=k_count).astype(np.int64))
+                total_c = held[tk:].reshape(places.n_groups, k_count).sum(axis=0)
+                full_c = np.flatnonzero((pass_counts > 0) & (total_c >= places.shared))
+                seg = np.full(size, -1, dtype=np.int64)
+                for t in range(places.n_groups):
+                    seg[tk + t * k_count + full_c] = np.arange(full_c.size)
+                thr_c, evicted_c, rejected_c = _stage(book, seg, total_c[full_c] - places.shared[full_c], place,
+                                                      bid, bgid, passed, reducer)
+                out_place = np.concatenate([assign[book.loc_of(evicted_c)], place[rejected_c & passed]])
+                held -= reducer.allreduce_sum(np.bincount(out_place, minlength=size).astype(np.int64))
+                evicted_loc.append(book.loc_of(evicted_c))
+                book.drop(evicted_c)
+                rejected |= rejected_c & passed
+                q[full_c] = np.maximum(q[full_c], thr_c)
+            accept = ~rejected
+            won = bidders[accept]
+            lost = np.concatenate(evicted_loc)
+            assign[lost] = -1
+            assign[won], column[won], bids[won], bid_eps[won] = place[accept], col[accept], bid[accept], eps
+            book.add(place[accept], bid[accept], bgid[accept], won)
+            unassigned = np.concatenate([bidders[rejected], lost])
         rounds += phase_rounds
         log.append(f"eps={eps:.3g}: {phase_rounds} rounds, {waiting} unassigned")
         LOG.debug("auction phase %d: %s", phases, log[-1])
         if eps <= eps_end:
             break
         eps = max(eps / opts.eps_factor, eps_end)
-    waiting = int(reducer.allreduce_sum(np.array([(assign < 0).sum()], dtype=np.int64))[0])
-    return AuctionState(prices, assign, column, rounds, phases, waiting, log)
+    waiting = int(reducer.allreduce_sum(np.array([unassigned.size], dtype=np.int64))[0])
+    return AuctionState(effective_prices(places, prices, q), assign, column, bids, bid_eps, rounds, phases,
+                        waiting, log)

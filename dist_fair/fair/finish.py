@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dist_fair.errors import DistFairError, InfeasibleError
-from dist_fair.fair.auction import AuctionState, Persons
+from dist_fair.fair.auction import AuctionState, Persons, select_kth
 from dist_fair.fair.candidates import BLOCK_ROWS
 from dist_fair.fair.reducer import Reducer, allgather_concat, allreduce_max, broadcast
 
@@ -49,21 +49,22 @@ _HIGHS_OPTIONS = {"primal_feasibility_tolerance": 1e-10, "dual_feasibility_toler
 
 @dataclass
 class FinishOptions:
-    """Tuning of the exact finish (all thresholds are fractions of the value range ``max y``).
+    """Tuning of the exact finish (thresholds are fractions of the value range ``max y``).
 
     Attributes:
-        delta: persons with a margin below this are free in the residual LP.
-        arc_delta: exchange arcs of fixed persons with reduced cost below this are offered.
-        growth: factor applied to both when the LP needs more freedom.
+        delta: samples with a margin below this are free in the residual LP.
+        arc_delta: exchange arcs of fixed samples with reduced cost below this are offered; free
+            samples are offered their options within this of their best.
+        growth: factor applied to the thresholds when the LP needs more room.
         tolerance: complementary-slackness tolerance of the verification.
-        max_iterations: LP solves at most (the last ones free every person).
+        max_iterations: LP solves at most (the last one frees every sample and option).
     """
 
     delta: float = 2e-6
-    arc_delta: float = 1e-4
+    arc_delta: float = 1e-3
     growth: float = 8.0
     tolerance: float = 1e-9
-    max_iterations: int = 12
+    max_iterations: int = 16
 
 
 @dataclass
@@ -72,87 +73,84 @@ class FinishResult:
     column: np.ndarray
     prices: np.ndarray
     iterations: int
-    free: int          # free persons in the last residual LP (all workers)
+    free: int          # free samples in the last residual LP (all workers)
     lp_seconds: float
-    primal: float      # sum_i y_{i, a(i)} over samples
+    primal: float      # sum_i y_{i, a(i)}
     dual: float        # D(prices)
 
 
-def _margins(persons: Persons, assign: np.ndarray, column: np.ndarray, prices: np.ndarray
-             ) -> np.ndarray:
-    """``v_cur - max_{other options} v`` per local person (-inf when unassigned)."""
-    out = np.full(persons.size, -np.inf)
-    rows_all = np.flatnonzero(assign >= 0)
-    for start in range(0, rows_all.size, BLOCK_ROWS):
-        rows = rows_all[start:start + BLOCK_ROWS]
-        out[rows] = _block_margins(persons, rows, assign[rows], column[rows], prices)
-    return out
-
-
-def _block_margins(persons: Persons, rows: np.ndarray, place: np.ndarray, col: np.ndarray,
-                   prices: np.ndarray) -> np.ndarray:
-    out = np.empty(rows.size)
+def _block_values(persons: Persons, rows: np.ndarray, place: np.ndarray, col: np.ndarray, prices: np.ndarray):
+    """For assigned rows: (margin = v_cur - best other option, best option value v1)."""
+    _, v_r, v_o = persons.sample_options(rows, prices)
+    r = np.arange(rows.size)
+    v1 = v_r.max(axis=1) if v_o is None else np.maximum(v_r.max(axis=1), v_o.max(axis=1))
     current = persons.current_value(rows, place, col, prices)
-    sample = rows < persons.n_samples
-    s = np.flatnonzero(sample)
-    if s.size:
-        _, v_r, v_o = persons.sample_options(rows[s], prices)
-        r = np.arange(s.size)
-        on_o = place[s] >= persons.tk
-        v_r[r[~on_o], col[s][~on_o]] = -np.inf
-        best = v_r.max(axis=1)
-        if v_o is not None:
-            v_o[r[on_o], col[s][on_o]] = -np.inf
-            best = np.maximum(best, v_o.max(axis=1))
-        out[s] = current[s] - best
-    d = np.flatnonzero(~sample)
-    if d.size:
-        _, po = persons.price_views(prices)
-        v = -po[:, persons.dummy_cluster[rows[d] - persons.n_samples]].T
-        v[np.arange(d.size), col[d]] = -np.inf
-        best = v.max(axis=1) if v.shape[1] > 1 else np.full(d.size, -np.inf)
-        out[d] = current[d] - best
-    return out
+    on_o = place >= persons.tk
+    v_r[r[~on_o], col[~on_o]] = -np.inf
+    best = v_r.max(axis=1)
+    if v_o is not None:
+        v_o[r[on_o], col[on_o]] = -np.inf
+        best = np.maximum(best, v_o.max(axis=1))
+    return current - best, v1
 
 
-def _exchange_arcs(persons: Persons, rows: np.ndarray, assign: np.ndarray, column: np.ndarray,
-                   prices: np.ndarray, arc_delta: float) -> tuple[np.ndarray, np.ndarray]:
-    """Cheapest moves of fixed persons: (key = a * S + b, raw cost y_a - y_b), min per key."""
+def _scan(persons: Persons, rows: np.ndarray, assign: np.ndarray, column: np.ndarray, prices: np.ndarray
+          ) -> tuple[np.ndarray, float, float]:
+    """Margins of the given rows (-inf when unassigned), and over them ``sum v1`` and ``sum y``."""
+    margins = np.full(rows.size, -np.inf)
+    best_sum = primal = 0.0
+    for start in range(0, rows.size, BLOCK_ROWS):
+        part = np.arange(start, min(start + BLOCK_ROWS, rows.size))
+        sub = rows[part]
+        ok = assign[sub] >= 0
+        if ok.any():
+            m, v1 = _block_values(persons, sub[ok], assign[sub[ok]], column[sub[ok]], prices)
+            margins[part[ok]] = m
+            best_sum += float(v1.sum())
+            primal += float(persons.value[sub[ok], column[sub[ok]]].astype(np.float64).sum())
+    return margins, best_sum, primal
+
+
+def _options(persons: Persons, rows: np.ndarray, prices: np.ndarray, within: float):
+    """Per row: ``(place, raw y, reduced cost vs the row's best)`` of every option, (b, 2m) arrays
+    (R then O per column; invalid options have place -1)."""
+    y, v_r, v_o = persons.sample_options(rows, prices)
+    g = persons.groups[rows]
+    cl = persons.clusters(rows)
+    base = g[:, None] * persons.places.n_clusters + cl
+    v = v_r if v_o is None else np.concatenate([v_r, v_o], axis=1)
+    place = base if v_o is None else np.concatenate([base, base + persons.tk], axis=1)
+    yy = y if v_o is None else np.concatenate([y, y], axis=1)
+    v1 = v.max(axis=1, keepdims=True)
+    rc = v1 - v
+    place = np.where(np.isfinite(v) & (rc < within), place, -1)
+    return place, yy, rc
+
+
+def _exchange_candidates(persons: Persons, rows: np.ndarray, assign: np.ndarray, column: np.ndarray,
+                         prices: np.ndarray, arc_delta: float):
+    """Moves of fixed samples with reduced cost < arc_delta: (key = a * S + b, raw cost y_a - y_b, row)."""
     size = persons.places.size
-    keys, costs = [], []
+    keys, costs, owners = [], [], []
     for start in range(0, rows.size, BLOCK_ROWS):
         part = rows[start:start + BLOCK_ROWS]
         place, col = assign[part], column[part]
         current = persons.current_value(part, place, col, prices)
-        sample = part < persons.n_samples
-        s = np.flatnonzero(sample)
-        if s.size:
-            y, v_r, v_o = persons.sample_options(part[s], prices)
-            y_cur = y[np.arange(s.size), col[s]]
-            g = persons.groups[part[s]]
-            cl = np.asarray(persons.shard.cands.clusters(part[s]), dtype=np.int64)
-            base = g[:, None] * persons.places.n_clusters + cl
-            for v, offset in ((v_r, 0), (v_o, persons.tk)):
-                if v is None:
-                    continue
-                target = base + offset
-                ok = (current[s][:, None] - v < arc_delta) & np.isfinite(v) & (target != place[s][:, None])
-                r, c = np.nonzero(ok)
-                keys.append(place[s][r] * size + target[r, c])
-                costs.append(y_cur[r] - y[r, c])
-        d = np.flatnonzero(~sample)
-        if d.size:
-            _, po = persons.price_views(prices)
-            j = persons.dummy_cluster[part[d] - persons.n_samples]
-            v = -po[:, j].T
-            target = persons.tk + np.arange(persons.places.n_groups)[None, :] * persons.places.n_clusters + j[:, None]
-            ok = (current[d][:, None] - v < arc_delta) & np.isfinite(v) & (target != place[d][:, None])
+        y, v_r, v_o = persons.sample_options(part, prices)
+        y_cur = y[np.arange(part.size), col]
+        base = persons.groups[part][:, None] * persons.places.n_clusters + persons.clusters(part)
+        for v, offset in ((v_r, 0), (v_o, persons.tk)):
+            if v is None:
+                continue
+            target = base + offset
+            ok = (current[:, None] - v < arc_delta) & np.isfinite(v) & (target != place[:, None])
             r, c = np.nonzero(ok)
-            keys.append(place[d][r] * size + target[r, c])
-            costs.append(np.zeros(r.size))
+            keys.append(place[r] * size + target[r, c])
+            costs.append(y_cur[r] - y[r, c])
+            owners.append(part[r])
     if not keys:
-        return np.zeros(0, dtype=np.int64), np.zeros(0)
-    return _min_by_key(np.concatenate(keys), np.concatenate(costs))
+        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate(keys), np.concatenate(costs), np.concatenate(owners)
 
 
 def _min_by_key(keys: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,14 +164,15 @@ def _min_by_key(keys: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.nda
 
 @dataclass
 class _Residual:
-    """What rank 0 needs to build the residual LP (all arrays sorted canonically)."""
+    """What rank 0 needs to build the residual LP (sorted canonically)."""
 
-    s_gid: np.ndarray
-    s_group: np.ndarray
-    s_clusters: np.ndarray
-    s_values: np.ndarray
-    d_gid: np.ndarray
-    d_cluster: np.ndarray
+    gid: np.ndarray
+    group: np.ndarray
+    clusters: np.ndarray   # (F, m), -1 = option not offered
+    values: np.ndarray     # (F, m)
+    offered_o: np.ndarray  # (F, m) bool: O place offered
+    offered_r: np.ndarray  # (F, m) bool: R place offered
+    spare: np.ndarray      # (K,) dummy supply E_j
     arc_key: np.ndarray
     arc_cost: np.ndarray
     residual: np.ndarray
@@ -189,85 +188,65 @@ def _solve_residual(persons: Persons, res: _Residual, prices_ref: np.ndarray) ->
     places = persons.places
     size, k, tk = places.size, places.n_clusters, persons.tk
     cap = places.cap
-    var_from, var_place, var_cost, var_upper = [], [], [], []  # var_from: supply row index
-    # --- free samples, identical rows merged
-    n_s = res.s_gid.size
+    n_s = res.gid.size
+    m = res.clusters.shape[1] if n_s else 0
+    # free samples, identical rows (group, offered options and values) merged into one source
     if n_s:
-        table = np.concatenate([res.s_group[:, None], res.s_clusters, res.s_values.view(np.int64)], axis=1)
+        table = np.concatenate([res.group[:, None], res.clusters, res.offered_r.astype(np.int64),
+                                res.offered_o.astype(np.int64), res.values.view(np.int64)], axis=1)
         uniq, inverse, supply_s = np.unique(table, axis=0, return_inverse=True, return_counts=True)
         inverse = inverse.ravel()
-        u_group = uniq[:, 0]
-        m = res.s_clusters.shape[1]
-        u_cl = uniq[:, 1:1 + m]
-        u_y = np.ascontiguousarray(uniq[:, 1 + m:]).view(np.float64)
-        option_place = [u_group[:, None] * k + u_cl]
-        option_col = [np.broadcast_to(np.arange(m), u_cl.shape)]
-        option_y = [u_y]
-        if places.bounded:
-            option_place.append(option_place[0] + tk)
-            option_col.append(option_col[0])
-            option_y.append(u_y)
-        o_place = np.stack(option_place, axis=2)  # (U, m, 1 or 2): R then O
-        o_col = np.stack(option_col, axis=2)
-        o_y = np.stack(option_y, axis=2)
+        u_group, u_cl = uniq[:, 0], uniq[:, 1:1 + m]
+        u_r, u_o = uniq[:, 1 + m:1 + 2 * m].astype(bool), uniq[:, 1 + 2 * m:1 + 3 * m].astype(bool)
+        u_y = np.ascontiguousarray(uniq[:, 1 + 3 * m:]).view(np.float64)
+        base = u_group[:, None] * k + u_cl
+        o_place = np.stack([base, base + tk], axis=2)
+        o_ok = np.stack([u_r, u_o], axis=2)
+        o_ok &= cap[np.where(o_ok, o_place, 0)] > 0
+        o_col = np.broadcast_to(np.arange(m)[None, :, None], o_place.shape)
+        o_y = np.broadcast_to(u_y[:, :, None], o_place.shape)
         o_row = np.broadcast_to(np.arange(uniq.shape[0])[:, None, None], o_place.shape)
-        # options ordered per row by (column, R before O)
-        valid = cap[o_place] > 0
-        s_vars = (o_row[valid], o_place[valid], o_col[valid], o_y[valid])
-        var_from.append(s_vars[0])
-        var_place.append(s_vars[1])
-        var_cost.append(-s_vars[3])
-        var_upper.append(np.full(s_vars[0].size, np.inf))
+        s_row, s_place, s_col, s_cost = o_row[o_ok], o_place[o_ok], o_col[o_ok], -o_y[o_ok]
         n_u = uniq.shape[0]
     else:
         inverse = np.zeros(0, dtype=np.int64)
         supply_s = np.zeros(0, dtype=np.int64)
-        s_vars = (np.zeros(0, dtype=np.int64),) * 3 + (np.zeros(0),)
+        s_row = s_place = s_col = np.zeros(0, dtype=np.int64)
+        s_cost = np.zeros(0)
         n_u = 0
-    # --- free dummies, merged per cluster
-    if res.d_gid.size:
-        d_uniq, d_inverse, supply_d = np.unique(res.d_cluster, return_inverse=True, return_counts=True)
-        t_idx = np.arange(places.n_groups)
-        d_place = tk + t_idx[None, :] * k + d_uniq[:, None]
-        d_row = np.broadcast_to(np.arange(d_uniq.size)[:, None], d_place.shape)
-        d_col = np.broadcast_to(t_idx[None, :], d_place.shape)
-        valid = cap[d_place] > 0
-        d_vars = (d_row[valid] + n_u, d_place[valid], d_col[valid])
-        var_from.append(d_vars[0])
-        var_place.append(d_vars[1])
-        var_cost.append(np.zeros(d_vars[0].size))
-        var_upper.append(np.full(d_vars[0].size, np.inf))
-        n_d = d_uniq.size
+    # dummy sources: E_j optional places of cluster j stay empty
+    spare_j = np.flatnonzero(res.spare > 0)
+    if spare_j.size:
+        d_place = tk + np.arange(places.n_groups)[None, :] * k + spare_j[:, None]
+        d_row = np.broadcast_to(np.arange(spare_j.size)[:, None], d_place.shape) + n_u
+        ok = cap[d_place] > 0
+        d_row, d_place = d_row[ok], d_place[ok]
     else:
-        d_inverse = np.zeros(0, dtype=np.int64)
-        supply_d = np.zeros(0, dtype=np.int64)
-        d_vars = (np.zeros(0, dtype=np.int64),) * 3
-        n_d = 0
-    n_supply = n_u + n_d
-    n_person_vars = sum(v.size for v in var_from)
-    # --- exchange arcs
+        d_row = d_place = np.zeros(0, dtype=np.int64)
+    n_supply = n_u + spare_j.size
     arc_from, arc_to = res.arc_key // size, res.arc_key % size
-    places_used = np.unique(np.concatenate([*var_place, arc_from, arc_to, np.flatnonzero(res.residual != 0)]))
+    person_from = np.concatenate([s_row, d_row])
+    person_place = np.concatenate([s_place, d_place])
+    n_pv = person_from.size
+    places_used = np.unique(np.concatenate([person_place, arc_from, arc_to, np.flatnonzero(res.residual != 0)]))
     row_of_place = np.full(size, -1, dtype=np.int64)
     row_of_place[places_used] = n_supply + np.arange(places_used.size)
     n_rows = n_supply + places_used.size
-    n_vars = n_person_vars + arc_from.size
+    n_vars = n_pv + arc_from.size
+    empty = {"s_place": np.zeros(0, dtype=np.int64), "s_col": np.zeros(0, dtype=np.int64)}
     if n_vars == 0:
         if np.any(res.residual != 0):
-            return {"status": "infeasible"}
-        return {"status": "ok", "exchange_used": False, "prices": prices_ref.copy(), "seconds": 0.0,
-                "s_place": np.zeros(0, dtype=np.int64), "s_col": np.zeros(0, dtype=np.int64),
-                "d_place": np.zeros(0, dtype=np.int64), "d_col": np.zeros(0, dtype=np.int64), "vars": 0}
-    p_from = np.concatenate(var_from) if var_from else np.zeros(0, dtype=np.int64)
-    p_place = np.concatenate(var_place) if var_place else np.zeros(0, dtype=np.int64)
-    rows = np.concatenate([p_from, row_of_place[p_place], row_of_place[arc_from], row_of_place[arc_to]])
-    cols = np.concatenate([np.arange(n_person_vars), np.arange(n_person_vars),
-                           n_person_vars + np.arange(arc_from.size), n_person_vars + np.arange(arc_from.size)])
-    vals = np.concatenate([np.ones(2 * n_person_vars), -np.ones(arc_from.size), np.ones(arc_from.size)])
+            return {"status": "infeasible", "seconds": 0.0}
+        return {"status": "ok", "prices": prices_ref.copy(), "seconds": 0.0, "used_key": np.zeros(0, np.int64),
+                "used_flow": np.zeros(0, np.int64), **empty}
+    rows = np.concatenate([person_from, row_of_place[person_place], row_of_place[arc_from], row_of_place[arc_to]])
+    cols = np.concatenate([np.arange(n_pv), np.arange(n_pv), n_pv + np.arange(arc_from.size),
+                           n_pv + np.arange(arc_from.size)])
+    vals = np.concatenate([np.ones(2 * n_pv), -np.ones(arc_from.size), np.ones(arc_from.size)])
     a_eq = sp.csr_matrix((vals, (rows, cols)), shape=(n_rows, n_vars))
-    b_eq = np.concatenate([supply_s, supply_d, res.residual[places_used]]).astype(np.float64)
-    cost = np.concatenate([*var_cost, res.arc_cost]) if var_cost else res.arc_cost
-    upper = np.concatenate([*var_upper, res.movable[arc_from].astype(np.float64)])
+    b_eq = np.concatenate([supply_s, res.spare[spare_j], res.residual[places_used]]).astype(np.float64)
+    cost = np.concatenate([s_cost, np.zeros(d_row.size), res.arc_cost])
+    upper = np.concatenate([np.full(n_pv, np.inf), res.movable[arc_from].astype(np.float64)])
     start = time.perf_counter()
     lp = linprog(cost, A_eq=a_eq, b_eq=b_eq, bounds=np.stack([np.zeros(n_vars), upper], axis=1),
                  method="highs-ds", options=_HIGHS_OPTIONS)
@@ -278,148 +257,181 @@ def _solve_residual(persons: Persons, res: _Residual, prices_ref: np.ndarray) ->
         raise DistFairError(f"HiGHS failed on the residual fair-assignment LP: {lp.message}")
     x = np.round(lp.x).astype(np.int64)
     if np.abs(lp.x - x).max() > 1e-6:
-        raise DistFairError("residual fair-assignment LP returned a fractional vertex (should be impossible: "
-                            "the matrix is a network matrix)")
-    exchange_used = bool(x[n_person_vars:].any())
+        raise DistFairError("residual fair-assignment LP returned a fractional vertex (impossible for a "
+                            "network matrix)")
+    z = x[n_pv:]
+    used = np.flatnonzero(z > 0)
     prices = prices_ref.copy()
     prices[places_used] = -lp.eqlin.marginals[n_supply:]
-    # duals are unique up to a constant per connected component: stay close to the old prices
-    edges_a, edges_b = [row_of_place[arc_from] - n_supply], [row_of_place[arc_to] - n_supply]
-    if n_person_vars:
-        order = np.lexsort((p_place, p_from))
-        f, pl = p_from[order], p_place[order]
+    # duals are unique only up to a constant per connected component: stay close to the old prices
+    ea = [row_of_place[arc_from] - n_supply]
+    eb = [row_of_place[arc_to] - n_supply]
+    if n_pv:
+        order = np.lexsort((person_place, person_from))
+        f, pl = person_from[order], person_place[order]
         same = f[1:] == f[:-1]
-        edges_a.append(row_of_place[pl[:-1][same]] - n_supply)
-        edges_b.append(row_of_place[pl[1:][same]] - n_supply)
-    ea, eb = np.concatenate(edges_a), np.concatenate(edges_b)
+        ea.append(row_of_place[pl[:-1][same]] - n_supply)
+        eb.append(row_of_place[pl[1:][same]] - n_supply)
+    ea, eb = np.concatenate(ea), np.concatenate(eb)
     graph = sp.csr_matrix((np.ones(ea.size), (ea, eb)), shape=(places_used.size, places_used.size))
     n_comp, comp = connected_components(graph, directed=False)
     shift = prices_ref[places_used] - prices[places_used]
+    finite = np.isfinite(shift)
     for c in range(n_comp):
-        members = comp == c
-        prices[places_used[members]] += np.median(shift[members])
-    # disaggregate merged rows: members of each unique row (sorted by gid) take its flows in order
-    flow = x[:n_person_vars]
-    s_place = np.zeros(n_s, dtype=np.int64)
-    s_col = np.zeros(n_s, dtype=np.int64)
+        members = (comp == c) & finite
+        if members.any():
+            prices[places_used[comp == c]] += np.median(shift[members])
+    # members of each merged source (sorted by gid) take its flows in option order
+    s_out = np.zeros(n_s, dtype=np.int64)
+    c_out = np.zeros(n_s, dtype=np.int64)
     if n_s:
-        f_s = flow[:s_vars[0].size]
-        order = np.lexsort((np.arange(s_vars[0].size), s_vars[0]))
-        seq = np.repeat(order, f_s[order])
+        flow = x[:s_row.size]
+        seq = np.repeat(np.arange(s_row.size), flow)  # s_row is sorted by source row
         members = np.argsort(inverse, kind="stable")
         if seq.size != n_s:
             raise DistFairError("residual LP flows do not match the free samples")
-        s_place[members] = s_vars[1][seq]
-        s_col[members] = s_vars[2][seq]
-    d_place = np.zeros(res.d_gid.size, dtype=np.int64)
-    d_col = np.zeros(res.d_gid.size, dtype=np.int64)
-    if res.d_gid.size:
-        f_d = flow[s_vars[0].size:]
-        order = np.lexsort((np.arange(d_vars[0].size), d_vars[0]))
-        seq = np.repeat(order, f_d[order])
-        members = np.argsort(d_inverse.ravel(), kind="stable")
-        d_place[members] = d_vars[1][seq]
-        d_col[members] = d_vars[2][seq]
-    return {"status": "ok", "exchange_used": exchange_used, "prices": prices, "seconds": seconds,
-            "s_place": s_place, "s_col": s_col, "d_place": d_place, "d_col": d_col, "vars": n_vars}
+        s_out[members] = s_place[seq]
+        c_out[members] = s_col[seq]
+    return {"status": "ok", "prices": prices, "seconds": seconds, "s_place": s_out, "s_col": c_out,
+            "used_key": res.arc_key[used], "used_flow": z[used]}
 
 
-def dual_certificate(persons: Persons, assign: np.ndarray, column: np.ndarray, prices: np.ndarray,
-                     reducer: Reducer) -> tuple[float, float]:
-    """``(sum_i y_{i,a(i)}, D(prices))`` over all workers (module docstring, step 4)."""
-    primal = 0.0
-    best_sum = 0.0
-    rows_all = np.arange(persons.size)
-    for start in range(0, persons.size, BLOCK_ROWS):
-        rows = rows_all[start:start + BLOCK_ROWS]
-        _, _, _, v1, _ = persons.best(rows, prices)
-        best_sum += float(np.sum(v1))
-        s = rows[rows < persons.n_samples]
-        primal += float(persons.value[s, column[s]].astype(np.float64).sum())
-    finite = persons.places.cap > 0
-    sums = reducer.allreduce_sum(np.array([primal, best_sum]))
-    dual = float(sums[1] + np.sum(persons.places.cap[finite] * prices[finite]))
-    return float(sums[0]), dual
-
-
-def exact_finish(persons: Persons, state: AuctionState, reducer: Reducer,
+def exact_finish(persons: Persons, state: AuctionState, spare: np.ndarray, reducer: Reducer,
                  options: FinishOptions | None = None) -> FinishResult:
-    """Make the auction's assignment exactly optimal and certify it (module docstring)."""
+    """Make the auction's assignment exactly optimal and certify it (module docstring).
+
+    Args:
+        persons: this worker's samples.
+        state: the auction's result on this worker.
+        spare: ``(K,)`` optional places per cluster that stay empty (eps > 0; zeros otherwise).
+    """
     opts = options or FinishOptions()
     places = persons.places
     size = places.size
-    vmax = persons.value.max() if persons.n_samples else 0.0
-    scale = max(float(allreduce_max(reducer, np.array([vmax], dtype=np.float64))[0]), 1e-12)
+    vmax = float(persons.value.max()) if persons.size else 0.0
+    scale = max(float(allreduce_max(reducer, np.array([vmax]))[0]), 1e-12)
     delta, arc_delta, tol = opts.delta * scale, opts.arc_delta * scale, opts.tolerance * scale
+    offer = arc_delta
     assign, column = state.assign.copy(), state.column.copy()
     prices_ref = state.prices.copy()
-    margins = _margins(persons, assign, column, prices_ref)
+    # margins: exact where the auction's bound (bid - price - eps_bid <= margin) does not settle them
+    margins = np.full(persons.size, np.inf)
+    assigned = assign >= 0
+    bound = np.where(assigned, state.bids - np.where(assigned, prices_ref[np.maximum(assign, 0)], 0) - state.bid_eps,
+                     -np.inf)
+    known = np.zeros(persons.size, dtype=bool)
+
+    def ensure(threshold: float) -> None:
+        rows = np.flatnonzero(~known & (bound < threshold))
+        margins[rows] = _scan(persons, rows, assign, column, prices_ref)[0]
+        known[rows] = True
+
+    ensure(max(delta, arc_delta))
     free = margins < delta
     lp_seconds = 0.0
     free_total = 0
     for iteration in range(1, opts.max_iterations + 1):
-        if iteration == opts.max_iterations:
+        last = iteration == opts.max_iterations
+        if last:
             free[:] = True
+            offer = np.inf
         fixed = np.flatnonzero(~free)
         fixed_counts = reducer.allreduce_sum(np.bincount(assign[fixed], minlength=size).astype(np.int64))
         near = fixed[margins[fixed] < arc_delta]
-        key, cost = _exchange_arcs(persons, near, assign, column, prices_ref, arc_delta)
-        key, cost = _min_by_key(allgather_concat(reducer, key), allgather_concat(reducer, cost))
+        key, cost, owner = _exchange_candidates(persons, near, assign, column, prices_ref, arc_delta)
+        arc_key, arc_cost = _min_by_key(allgather_concat(reducer, key), allgather_concat(reducer, cost))
         rows = np.flatnonzero(free)
-        srow = rows[rows < persons.n_samples]
-        drow = rows[rows >= persons.n_samples]
-        cl = np.asarray(persons.shard.cands.clusters(srow), dtype=np.int64)
+        opt_place, opt_y, _ = _options(persons, rows, prices_ref, offer) if rows.size else (
+            np.zeros((0, 2 * persons.shard.cands.width), dtype=np.int64), np.zeros((0, 2 * persons.shard.cands.width)),
+            None)
+        width = persons.shard.cands.width
+        offered_r = opt_place[:, :width] >= 0
+        offered_o = opt_place[:, width:] >= 0 if places.bounded else np.zeros_like(offered_r)
+        cl = np.where(offered_r | offered_o, persons.clusters(rows), -1)
+        yv = np.where(cl >= 0, opt_y[:, :width], 0.0)
         gathered = [allgather_concat(reducer, a) for a in (
-            persons.gid[srow], persons.groups[srow], cl.reshape(srow.size, -1),
-            persons.value[srow].astype(np.float64).reshape(srow.size, -1),
-            persons.gid[drow], persons.dummy_cluster[drow - persons.n_samples])]
-        free_total = int(gathered[0].size + gathered[4].size)
+            persons.gid[rows], persons.groups[rows], cl.reshape(rows.size, width), yv.reshape(rows.size, width),
+            offered_r.reshape(rows.size, width), offered_o.reshape(rows.size, width))]
+        free_total = int(gathered[0].size)
         if reducer.rank == 0:
-            s_order = np.argsort(gathered[0], kind="stable")
-            d_order = np.argsort(gathered[4], kind="stable")
-            residual = (places.cap - fixed_counts).astype(np.int64)
-            res = _Residual(gathered[0][s_order], gathered[1][s_order], gathered[2][s_order],
-                            gathered[3][s_order], gathered[4][d_order], gathered[5][d_order],
-                            key, cost, residual, fixed_counts)
+            order = np.argsort(gathered[0], kind="stable")
+            g_id, g_group, g_cl, g_y, g_r, g_o = (a[order] for a in gathered)
+            res = _Residual(gid=g_id, group=g_group, clusters=g_cl, values=g_y, offered_r=g_r, offered_o=g_o, spare=np.asarray(spare, dtype=np.int64),
+                            arc_key=arc_key, arc_cost=arc_cost,
+                            residual=(places.cap - fixed_counts).astype(np.int64), movable=fixed_counts)
             out = _solve_residual(persons, res, prices_ref)
-            ok = out["status"] == "ok" and not out["exchange_used"]
-            flags = np.array([1 if ok else 0, out.get("seconds", 0.0) * 1e6], dtype=np.int64)
-            payload_i = np.concatenate([flags, np.stack([res.s_gid, out["s_place"], out["s_col"]], 1).ravel(),
-                                        np.stack([res.d_gid, out["d_place"], out["d_col"]], 1).ravel()]) \
-                if ok else flags
-            payload_p = out["prices"] if ok else prices_ref
-            LOG.debug("finish iteration %d: %d free, %s", iteration, free_total,
-                      "ok" if ok else out["status"] + (" (exchange arcs used)" if out.get("exchange_used") else ""))
+            status = 0 if out["status"] != "ok" else (1 if out["used_key"].size == 0 else 2)
+            head = np.array([status, int(out.get("seconds", 0.0) * 1e6)], dtype=np.int64)
+            if status == 1:
+                body = np.stack([res.gid, out["s_place"], out["s_col"]], axis=1).ravel()
+            elif status == 2:
+                body = np.stack([out["used_key"], out["used_flow"]], axis=1).ravel()
+            else:
+                body = np.zeros(0, dtype=np.int64)
+            payload_i = np.concatenate([head, body])
+            payload_p = out["prices"] if status == 1 else prices_ref
         else:
-            payload_i, payload_p = None, None
+            payload_i = payload_p = None
         info = broadcast(reducer, payload_i, np.int64)
         new_prices = broadcast(reducer, payload_p, np.float64)
+        status = int(info[0])
         lp_seconds += info[1] / 1e6
-        if not info[0]:
-            if iteration == opts.max_iterations:
+        LOG.debug("finish iteration %d: %d free, %s", iteration, free_total,
+                  ["infeasible", "solved", "exchange arcs used"][status])
+        if status == 0:
+            if last:
                 raise InfeasibleError("no assignment over the candidate clusters meets the fairness targets "
                                       "(the full LP is infeasible); increase top_m or eps")
-            delta *= opts.growth
-            arc_delta *= opts.growth
+            delta, arc_delta, offer = delta * opts.growth, arc_delta * opts.growth, offer * opts.growth
+            ensure(max(delta, arc_delta))
             free |= margins < delta
             continue
-        body = info[2:]
-        n_sg = gathered[0].size
-        s_triples = body[:3 * n_sg].reshape(n_sg, 3)
-        d_triples = body[3 * n_sg:].reshape(-1, 3)
-        if srow.size:
-            at = np.searchsorted(s_triples[:, 0], persons.gid[srow])
-            assign[srow], column[srow] = s_triples[at, 1], s_triples[at, 2]
-        if drow.size:
-            at = np.searchsorted(d_triples[:, 0], persons.gid[drow])
-            assign[drow], column[drow] = d_triples[at, 1], d_triples[at, 2]
-        margins = _margins(persons, assign, column, new_prices)
-        violators = ~free & (margins < -tol)
-        n_viol = int(reducer.allreduce_sum(np.array([violators.sum()], dtype=np.int64))[0])
+        if status == 2:  # free the cheapest fixed samples behind every exchange arc the LP used
+            used = info[2:].reshape(-1, 2)
+            _free_movers(used, key, cost, owner, free, persons, reducer)
+            continue
+        triples = info[2:].reshape(-1, 3)
+        if rows.size:
+            at = np.searchsorted(triples[:, 0], persons.gid[rows])
+            assign[rows], column[rows] = triples[at, 1], triples[at, 2]
+        all_rows = np.arange(persons.size)
+        scan_margins, best_sum, primal = _scan(persons, all_rows, assign, column, new_prices)
+        bad_fixed = ~free & (scan_margins < -tol)
+        bad_free = free & (scan_margins < -tol)
+        counts = reducer.allreduce_sum(np.array([bad_fixed.sum(), bad_free.sum()], dtype=np.int64))
         prices_ref = new_prices
-        if n_viol == 0:
-            primal, dual = dual_certificate(persons, assign, column, new_prices, reducer)
-            return FinishResult(assign, column, new_prices, iteration, free_total, lp_seconds, primal, dual)
-        LOG.debug("finish iteration %d: %d fixed persons violate slackness; freeing them", iteration, n_viol)
-        free |= violators
+        margins, known[:] = scan_margins, True
+        bound = margins
+        if counts.sum() == 0:
+            sums = reducer.allreduce_sum(np.array([primal, best_sum]))
+            finite = places.cap > 0
+            _, po = persons.price_views(new_prices)
+            spare_arr = np.asarray(spare, dtype=np.float64)
+            dummy = 0.0
+            if places.bounded and spare_arr.any():
+                dummy = float(np.sum(spare_arr * np.max(np.where(np.isfinite(po), -po, -np.inf), axis=0)
+                                     .clip(min=-1e300)))
+            dual = float(sums[1] + np.sum(places.cap[finite] * new_prices[finite]) + dummy)
+            return FinishResult(assign, column, new_prices, iteration, free_total, lp_seconds, float(sums[0]), dual)
+        LOG.debug("finish iteration %d: %d fixed and %d free samples violate slackness", iteration, *counts)
+        free |= bad_fixed
+        if counts[1]:
+            offer *= opts.growth
     raise DistFairError("exact finish did not converge")  # pragma: no cover - the last iteration frees all
+
+
+def _free_movers(used: np.ndarray, key: np.ndarray, cost: np.ndarray, owner: np.ndarray, free: np.ndarray,
+                 persons: Persons, reducer: Reducer) -> None:
+    """For every used exchange arc with flow z, free the 2 z + 2 fixed samples (all workers) that make
+    that move cheapest (exact global order by (cost, id), so the choice does not depend on the split)."""
+    used_key, flow = used[:, 0], used[:, 1]
+    seg_of = np.searchsorted(used_key, key)
+    seg_of = np.where((seg_of < used_key.size) & (used_key[np.minimum(seg_of, used_key.size - 1)] == key), seg_of, -1)
+    mine = seg_of >= 0
+    pos, c, who = seg_of[mine], cost[mine], owner[mine]
+    gid = persons.gid[who]
+    counts = reducer.allreduce_sum(np.bincount(pos, minlength=used_key.size).astype(np.int64))
+    k = np.minimum(2 * flow + 2, counts) - 1
+    thr_c, thr_g = select_kth(pos, c, gid, k, reducer)
+    take = ~(c > thr_c[pos]) & ~((c == thr_c[pos]) & (gid < thr_g[pos]))
+    free[who[take]] = True
