@@ -7,15 +7,15 @@ Side by side in one run, for every index configuration:
 - single-process faiss (the reference): load the shards, normalise, train/add the same index with
   the same parameters (same nlist, training size, seed), search every sample at once, save;
 - dist_fair (`build_knn_graph`, a local Ray instance) with 1 and 2 index actors (workers).
-Each runs in a fresh process, one after the other; reported: wall time of the whole process (Python + Ray start
-included), the graph time (dist_fair: knn.json's total minus Ray start and its own recall check),
-peak memory summed over the run's process tree (driver + Ray's daemons and workers, sampled
-every 0.2 s; other programs on the machine are not counted) and the same minus an idle Ray instance, recall@k against exact search and
-same-identity recall (of the neighbours in a sample's exact top-k that share its identity, the
-fraction found) on one fixed random sample of queries, dist_fair's own recall from knn.json, and
-the machine's 1-minute load average before/after each run (the machine may be shared: timings of
-runs under different load are not comparable). Results are written after every run; --resume
-skips the runs already in the results file (long benchmarks on a busy machine).
+Each runs in a fresh process, one after the other. Reported: wall time of the whole process
+(Python and Ray start included); the graph time (dist_fair: knn.json's total minus Ray start and
+its own recall check); peak memory summed over the run's process tree (driver, Ray's daemons and
+workers, sampled every 0.2 s; other programs on the machine are not counted), and the same minus
+an idle Ray instance; recall@k against exact search and same-identity recall (of the neighbours
+in a sample's exact top-k that share its identity, the fraction found) on one fixed random sample
+of queries; dist_fair's own recall from knn.json; the machine's 1-minute load average before and
+after each run (the machine may be shared: timings under different load are not comparable).
+Results are written after every run; --resume skips runs already in the results file.
 
 Data: `generate_synthetic_shards` (preset balanced, 46 images per identity on average, fp16
 shards), kept under benchmarks/results/tmp/ between runs. Ground truth: exact inner-product top-k
@@ -52,6 +52,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "ivf64": {"index": "ivf", "nprobe": 64},
     "hnsw": {"index": "hnsw", "hnsw_m": 32, "ef_construction": 80, "ef_search": 128},
     "ivfpq": {"index": "ivfpq", "nprobe": 16, "pq_m": 64, "rerank": 4},
+    "ivfpq64": {"index": "ivfpq", "nprobe": 64, "pq_m": 64, "rerank": 4},
+    "hnsw256": {"index": "hnsw", "hnsw_m": 32, "ef_construction": 80, "ef_search": 256},
 }
 
 
@@ -202,8 +204,10 @@ def ground_truth(shards: Path, k: int, sample: int, seed: int) -> tuple[np.ndarr
 def measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
     """Run ``cmd``; return the completed process, wall seconds and peak MiB of its process tree."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
+    # RAY_ADDRESS=local: a private Ray instance per run (ray.init() without an address would join the
+    # latest Ray cluster started on this machine, e.g. another program's).
+    env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ADDRESS": os.environ.get("RAY_ADDRESS", "local")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     sampler = TreeMemorySampler(proc.pid)
     out, err = proc.communicate()
     wall = time.perf_counter() - start
@@ -271,12 +275,13 @@ def main() -> None:
           f"in {args.shards_dir} [{time.perf_counter() - t:.0f} s]", flush=True)
     t = time.perf_counter()
     sample_ids, exact, identity = ground_truth(args.shards_dir, args.k, args.recall_sample, args.seed)
-    print(f"ground truth: exact top-{args.k} of {sample_ids.size} queries [{time.perf_counter() - t:.0f} s]", flush=True)
+    print(f"ground truth: exact top-{args.k} of {sample_ids.size} queries [{time.perf_counter() - t:.0f} s]",
+          flush=True)
     idle = idle_ray_mib()
     title = f"kNN graph, k={args.k}, {manifest.num_samples} x {manifest.dim} BUPT-style (balanced), recall on " \
             f"{sample_ids.size} queries"
     extra = {"title": title, "idle_ray_peak_MiB": round(idle), "k": args.k,
-             "configs": {n: CONFIGS[n] for n in args.indexes.split(",")}, "recall_sample": int(sample_ids.size)}
+             "configs": CONFIGS, "recall_sample": int(sample_ids.size)}
     rows: list[dict[str, Any]] = []
     previous = RESULTS / f"{args.name}.json"
     if args.resume and previous.is_file():
@@ -305,11 +310,13 @@ def main() -> None:
             tm = res["timings"]
             nbrs = np.load(out / "nbrs.npy", mmap_mode="r")[sample_ids]
             row.update(wall_s=round(res["wall_s"], 1), graph_s=round(tm["graph_s"], 1),
-                       load_s=round(tm.get("load_s", 0), 1), train_add_s=round(tm.get("train_s", 0) + tm.get("add_s", 0), 1),
+                       load_s=round(tm.get("load_s", 0), 1),
+                       train_add_s=round(tm.get("train_s", 0) + tm.get("add_s", 0), 1),
                        search_s=round(tm.get("search_s", 0), 1), peak_mem_MiB=round(res["peak_mem_mib"]),
                        peak_mem_minus_idle_ray_MiB=round(res["peak_mem_mib"] - idle) if runner == "dist" else None,
                        recall_at_k=round(recall_at_k(nbrs, exact), 4),
-                       same_identity_recall=round(same_identity_recall(nbrs, exact, sample_ids, identity) or float("nan"), 4),
+                       same_identity_recall=round(
+                           same_identity_recall(nbrs, exact, sample_ids, identity) or float("nan"), 4),
                        knn_json_recall_at_k=None if runner == "faiss" else round(res["recall_at_k"], 4),
                        load_avg_1min=f"{load_before:.1f}->{os.getloadavg()[0]:.1f}")
             if runner == "faiss":

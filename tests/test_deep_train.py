@@ -1,7 +1,8 @@
 """dist_fair.deep.task: deep fair clustering trained through the engine (Ray Train + DeepSpeed) on two
 workers of the simulated two-node cluster.
 
-DFDC (one engine run) and Fair-DEC (autoencoder run + clustering run) on small synthetic data where
+DFDC (one engine run, in-memory arrays) and Fair-DEC (autoencoder run + clustering run, from
+WebDataset shards as in a pipeline stage; marked slow) on small synthetic data where
 plain clustering is unfair. Checked: both workers train and the loss goes down; after every epoch
 the fair assignment of ALL samples is computed and recorded; the distributed metrics of the
 network's labels and of the fair assignment equal the single-process metrics of the exported
@@ -100,17 +101,23 @@ def test_dfdc_trains_on_two_workers_with_a_global_fair_assignment(ray_cluster, t
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_fair_dec_trains_on_two_workers(ray_cluster, tmp_path):
+def test_fair_dec_trains_on_two_workers_from_shards(ray_cluster, tmp_path):
     from dist_fair.deep.task import DeepOptions, train_deep
 
+    from dist_fair.data.shards import write_embedding_shards
+
     arrays = unfair_arrays(1)
+    # the shard path of a pipeline stage: two WebDataset shards, one per worker
+    shards = tmp_path / "shards"
+    write_embedding_shards(shards, arrays["emb"], arrays["identity"], {"group": arrays["attr_group"]},
+                           {"group": ["a", "b"]}, shard_rows=N // 2, block_rows=64)
     options = DeepOptions(method="fair_dec", n_clusters=2, attribute="group", num_groups=2, ae_hidden=(32, 32),
                           pretrain_epochs=1, beta=4.0)
     train = TrainConfig(model="fair_dec", deepspeed="zero1_cpu", workers=2, placement="SPREAD", epochs=4,
                         batch_size=64, lr=1e-3, log_every=4, seed=0)
     ae_train = TrainConfig(model="fair_dec", deepspeed="zero1_cpu", workers=2, placement="SPREAD", epochs=3,
                            batch_size=64, lr=1e-3, log_every=4, seed=0)
-    result = train_deep(options, arrays, train, tmp_path, ae_train=ae_train, progress=False)
+    result = train_deep(options, str(shards), train, tmp_path / "run", ae_train=ae_train, progress=False)
     ae_epochs = result.phases["autoencoder"].events("epoch")
     assert len(ae_epochs) == 3 and ae_epochs[-1]["loss"] < ae_epochs[0]["loss"]
     records = check_run(result, arrays, options, 4)

@@ -44,8 +44,8 @@ def test_cli_builds_the_exact_graph_on_the_cluster(ray_cluster, shards, tmp_path
     nbrs, _ = load_knn_graph(tmp_path / "knn")
     np.testing.assert_array_equal(nbrs, brute_force_nbrs(x, 7))
     # a complete output is reused; bad arguments are one-line errors with exit code 1
-    assert main(["knn", "--shards", str(folder), "--out", str(tmp_path / "knn"), "--k", "7", "--index", "flat", "--workers", "2",
-                 "--cpus-per-worker", "1", "--no-progress"]) == 0
+    assert main(["knn", "--shards", str(folder), "--out", str(tmp_path / "knn"), "--k", "7", "--index", "flat",
+                 "--workers", "2", "--cpus-per-worker", "1", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["reused"] is True
     assert main(["knn", "--shards", str(folder), "--out", str(tmp_path / "e"), "--k", "999", "--no-progress"]) == 1
     assert "fewer than k=999" in capsys.readouterr().err
@@ -56,8 +56,9 @@ def test_cli_on_a_fresh_local_ray_instance(shards, tmp_path):
     folder, x = shards
     cmd = [sys.executable, "-m", "dist_fair.cli", "knn", "--shards", str(folder), "--out", str(tmp_path / "knn"),
            "--k", "5", "--index", "hnsw", "--workers", "2", "--recall-sample", "50", "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-                          timeout=600)
+    # RAY_ADDRESS=local: a private instance, not the latest Ray cluster started on this machine
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["workers"] == 2 and 0.5 <= summary["recall_at_k"] <= 1.0, summary

@@ -32,7 +32,7 @@ def test_purity_penalty_by_hand_and_detached_reference():
     gamma = torch.tensor([0.75, 0.875, 0.5, 1.0], requires_grad=True)
     loss, gamma_f = purity_penalty(gamma)
     assert float(gamma_f) == pytest.approx(0.78125)  # (0.75 + 0.875 + 0.5 + 1) / 4
-    assert float(loss) == pytest.approx((0.03125 + 0.09375 + 0.28125 + 0.21875) / 4)
+    assert float(loss.detach()) == pytest.approx((0.03125 + 0.09375 + 0.28125 + 0.21875) / 4)
     loss.backward()
     # gamma_f is a constant: d/d gamma_i |gamma_i - gamma_f| / B = sign(gamma_i - gamma_f) / B
     assert gamma.grad.tolist() == pytest.approx([-0.25, 0.25, -0.25, 0.25])
@@ -61,7 +61,7 @@ def test_group_spread_gradient_matches_direct_formula():
     mu = torch.stack([reference[groups == g].mean() for g in range(3)])
     direct = (mu - mu.detach().mean()).abs().mean()
     direct.backward()
-    assert float(spread) == pytest.approx(float(direct))
+    assert float(spread.detach()) == pytest.approx(float(direct.detach()))
     assert np.allclose(gamma.grad.numpy(), reference.grad.numpy())
 
 
@@ -128,6 +128,6 @@ def test_empty_batch_gives_finite_zero_loss():
     empty = torch.zeros((0, 5))
     loss, metrics = clustering_loss(empty.clone().requires_grad_(), empty, empty.bool(),
                                     LossConfig(penalty="group", num_groups=2), torch.zeros(0, dtype=torch.long))
-    assert torch.isfinite(loss) and float(loss) == 0.0
+    assert torch.isfinite(loss) and float(loss.detach()) == 0.0
     loss.backward()
     assert all(torch.isfinite(v) for v in metrics.values())

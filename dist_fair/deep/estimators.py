@@ -459,7 +459,10 @@ class _Discriminative(_DeepClusterer):
             self.model_ = self._build().to(dev)
         model = self.model_
         optimizer = self._optimizer(model.parameters(), self.lr)
-        pre = 0 if self.init_model is not None else (self.pretrain_epochs if self._fair_training else self.epochs)
+        if self._fair_training:  # DFDC: IMSAT epochs first, unless init_model already did them
+            pre = 0 if self.init_model is not None else self.pretrain_epochs
+        else:
+            pre = self.epochs
         fair_epochs = self.epochs if self._fair_training else 0
         probs_all = predict_probs(model, data, dev) if pre == 0 and fair_epochs else None
         fair_np = None

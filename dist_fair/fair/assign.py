@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from dist_fair.errors import DataError, DistFairError, InfeasibleError
-from dist_fair.fair.auction import AuctionOptions, Persons, Shard, dummy_counts, make_places, run_auction
+from dist_fair.fair.auction import AuctionOptions, Persons, Shard, make_places, run_auction
 from dist_fair.fair.candidates import BLOCK_ROWS, Candidates, dense_candidates, top_m_candidates
 from dist_fair.fair.finish import FinishOptions, exact_finish
 from dist_fair.fair.reducer import LocalReducer, Reducer, agree_on_error, allreduce_max, broadcast
@@ -182,7 +182,7 @@ def solve_shard(shard: Shard, reducer: Reducer | None = None, *, n_groups: int |
     persons = Persons(shard, places)
     agree_on_error(reducer, _unreachable_error(persons, reducer))
     state = run_auction(persons, reducer, auction_options)
-    result = exact_finish(persons, state, dummy_counts(fair), reducer, finish_options)
+    result = exact_finish(persons, state, reducer, finish_options)
     labels = places.cluster_of(result.assign[:cands.num_samples]).astype(np.int64)
     after_local = _count_matrix(groups, labels, t, k).ravel()
     changed_local = int((labels != argmax).sum())
@@ -215,7 +215,7 @@ def _unreachable_error(persons: Persons, reducer: Reducer) -> Exception | None:
     if reason is not None:
         return InfeasibleError(reason)
     listed = reducer.allreduce_sum(persons.listed_counts())
-    cap = persons.places.cap[:persons.tk]
+    cap = persons.places.lower
     short = np.flatnonzero(listed < cap)
     if short.size:
         s = int(short[0])

@@ -147,16 +147,23 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def select_kth(pos: np.ndarray, bid: np.ndarray, gid: np.ndarray, k: np.ndarray, reducer: Reducer
                ) -> tuple[np.ndarray, np.ndarray]:
     """For every segment q, the key (bid, id) of rank ``k[q]`` (0-based, in :func:`key_less` order)
-    among the candidates of all workers with ``pos == q``. Exact; same result for any split."""
+    among the candidates of all workers with ``pos == q``; ``(+inf, -1)`` when ``k[q]`` is not smaller
+    than the number of candidates (everything lies below). Exact; the same for any split."""
     nseg = int(k.size)
     if nseg == 0:
         return np.zeros(0), np.zeros(0, dtype=np.int64)
+    counts = reducer.allreduce_sum(np.bincount(pos, minlength=nseg).astype(np.int64))
+    beyond = k >= counts
+    k = np.where(beyond, 0, k)
     if reducer.world_size == 1:
         order = np.lexsort((-gid, bid, pos))
         starts = np.searchsorted(pos[order], np.arange(nseg))
-        pick = order[starts + k]
-        return bid[pick], gid[pick]
-    return _radix_select(pos, float_key(bid), (_MAX_ID - gid).astype(np.uint64), k, reducer)
+        pick = order[np.minimum(starts + k, max(pos.size - 1, 0))]
+        out_bid = bid[pick] if pos.size else np.zeros(nseg)
+        out_gid = gid[pick] if pos.size else np.zeros(nseg, dtype=np.int64)
+    else:
+        out_bid, out_gid = _radix_select(pos, float_key(bid), (_MAX_ID - gid).astype(np.uint64), k, reducer)
+    return np.where(beyond, np.inf, out_bid), np.where(beyond, -1, out_gid)
 
 
 def _radix_select(pos: np.ndarray, hi: np.ndarray, lo: np.ndarray, k: np.ndarray, reducer: Reducer
@@ -261,13 +268,21 @@ class _Book:
 
 
 def _stage(book: _Book, seg_of_place: np.ndarray, k: np.ndarray, bid_place: np.ndarray, bid: np.ndarray,
-           bid_gid: np.ndarray, active: np.ndarray, reducer: Reducer):
-    """One acceptance step: in every segment (a set of places) keep all but the ``k`` lowest keys
-    among holders and active bids. Returns per segment the lowest kept key, the sorted-part/unsorted
-    sources of evicted holders, and the rejected bids (mask)."""
-    places = np.flatnonzero(seg_of_place >= 0)
-    hp, hb, hg, hsrc = book.lowest(places, k[seg_of_place[places]] + 1)
+           bid_gid: np.ndarray, active: np.ndarray, reducer: Reducer, take: np.ndarray | None = None,
+           below: tuple[np.ndarray, np.ndarray] | None = None):
+    """One acceptance step: in every segment (a set of cells) find the key of rank ``k`` among its
+    holders and active bids; everything below it is outbid. ``take`` (per cell) limits the holders
+    considered to the lowest ones; ``below`` (per-cell key bounds) keeps only candidates under them.
+    Returns (threshold bid, threshold id) per segment, evicted holder sources, rejected bids (mask)."""
+    cells = np.flatnonzero(seg_of_place >= 0)
+    want = k[seg_of_place[cells]] + 1 if take is None else np.minimum(k[seg_of_place[cells]] + 1, take[cells])
+    hp, hb, hg, hsrc = book.lowest(cells, want)
     bpos = np.where(active, seg_of_place[bid_place], -1)
+    if below is not None:
+        hok = key_less(hb, hg, below[0][hp], below[1][hp])
+        hp, hb, hg, hsrc = hp[hok], hb[hok], hg[hok], hsrc[hok]
+        bok = key_less(bid, bid_gid, below[0][bid_place], below[1][bid_place])
+        bpos = np.where(bok, bpos, -1)
     mine = bpos >= 0
     pos = np.concatenate([seg_of_place[hp], bpos[mine]])
     thr_bid, thr_gid = select_kth(pos, np.concatenate([hb, bid[mine]]), np.concatenate([hg, bid_gid[mine]]), k,
@@ -277,16 +292,17 @@ def _stage(book: _Book, seg_of_place: np.ndarray, k: np.ndarray, bid_place: np.n
     rejected = np.zeros(bid.size, dtype=bool)
     safe = np.where(mine, bpos, 0)
     rejected[mine] = key_less(bid[mine], bid_gid[mine], thr_bid[safe[mine]], thr_gid[safe[mine]])
-    return thr_bid, evicted, rejected
+    return thr_bid, thr_gid, evicted, rejected
 
 
 @dataclass
 class AuctionState:
     """Result of the price phase on one worker."""
 
-    prices: np.ndarray          # (S,) effective prices (inf for places without capacity)
-    assign: np.ndarray          # (n,) place or -1
-    column: np.ndarray          # (n,) candidate column of the place's cluster
+    prices: np.ndarray          # (T K,) cell prices p_tj (inf for cells without capacity)
+    cluster_prices: np.ndarray  # (K,) pool prices q_j (0 when fixed)
+    assign: np.ndarray          # (n,) cell or -1
+    column: np.ndarray          # (n,) candidate column of the cell's cluster
     bids: np.ndarray            # (n,) bid of each holder
     bid_eps: np.ndarray         # (n,) eps of the phase in which it bid
     rounds: int
@@ -296,7 +312,7 @@ class AuctionState:
 
 
 class Persons:
-    """One worker's samples seen as bidders for places."""
+    """One worker's samples seen as bidders for cells."""
 
     def __init__(self, shard: Shard, places: Places) -> None:
         self.shard = shard
@@ -309,54 +325,30 @@ class Persons:
         self.gid = shard.ids.astype(np.int64)
         self.tk = places.tk
 
-    def price_views(self, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        t, k = self.places.n_groups, self.places.n_clusters
-        pr = prices[:self.tk].reshape(t, k)
-        po = prices[self.tk:].reshape(t, k) if self.places.bounded else None
-        return pr, po
-
-    def _gather(self, table: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        g = self.groups[rows]
-        if self.index is None:
-            return table[g]
-        return table[g[:, None], self.index[rows]]
-
     def clusters(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(self.shard.cands.clusters(rows), dtype=np.int64)
 
-    def sample_options(self, rows: np.ndarray, prices: np.ndarray):
-        """``(y, vR, vO)``: values and ``y - p`` of R and O places (vO None when fixed), each
-        ``(len(rows), m)`` float64."""
-        pr, po = self.price_views(prices)
+    def options(self, rows: np.ndarray, prices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(y, v)``: values and ``v = y - p`` of every candidate cell, ``(len(rows), m)`` float64."""
+        table = prices.reshape(self.places.n_groups, self.places.n_clusters)
         y = self.value[rows].astype(np.float64)
-        v_r = y - self._gather(pr, rows)
-        v_o = None if po is None else y - self._gather(po, rows)
-        return y, v_r, v_o
+        g = self.groups[rows]
+        p = table[g] if self.index is None else table[g[:, None], self.index[rows]]
+        return y, y - p
 
     def sample_best(self, rows: np.ndarray, prices: np.ndarray):
-        """Best place of each row: (place, column, y there, v1, v2), v2 = best value among all other
-        options (the other place of the same cluster included)."""
-        y, v_r, v_o = self.sample_options(rows, prices)
-        b = len(rows)
-        r = np.arange(b)
-        v = v_r if v_o is None else np.maximum(v_r, v_o)
+        """(cell, column, y there, v1, v2) of the best cell, v2 the best among the other clusters."""
+        y, v = self.options(rows, prices)
+        r = np.arange(len(rows))
         col = np.argmax(v, axis=1)
         v1 = v[r, col]
-        use_o = np.zeros(b, dtype=bool)
-        if v_o is not None:
-            use_o = v_o[r, col] > v_r[r, col]
-            other = np.minimum(v_r[r, col], v_o[r, col])
         v[r, col] = -np.inf
-        v2 = v.max(axis=1) if v.shape[1] > 1 else np.full(b, -np.inf)
-        if v_o is not None:
-            v2 = np.maximum(v2, other)
-        g = self.groups[rows]
+        v2 = v.max(axis=1) if v.shape[1] > 1 else np.full(len(rows), -np.inf)
         cluster = col if self.index is None else self.index[rows][r, col].astype(np.int64)
-        place = g * self.places.n_clusters + cluster + np.where(use_o, self.tk, 0)
-        return place, col, y[r, col], v1, v2
+        return self.groups[rows] * self.places.n_clusters + cluster, col, y[r, col], v1, v2
 
     def best(self, rows: np.ndarray, prices: np.ndarray):
-        """(place, column, y, v1, v2) for any local rows, blockwise."""
+        """:meth:`sample_best` blockwise."""
         out_place = np.empty(rows.size, dtype=np.int64)
         out_col = np.empty(rows.size, dtype=np.int64)
         out_y, out_v1, out_v2 = (np.empty(rows.size) for _ in range(3))
@@ -368,20 +360,19 @@ class Persons:
 
     def current_value(self, rows: np.ndarray, place: np.ndarray, column: np.ndarray,
                       prices: np.ndarray) -> np.ndarray:
-        """``y - p`` at each row's current place."""
+        """``y - p`` at each row's current cell."""
         return self.value[rows, column].astype(np.float64) - prices[place]
 
     def unreachable(self) -> str | None:
-        """A reason why a local sample cannot be placed at all, or None (it has no candidate
-        cluster where its group may go)."""
+        """A reason why a local sample cannot be placed at all (no candidate cluster where its
+        group may go), or None."""
         places = self.places
-        if self.index is None and places.bounded is False:
-            return None  # dense and fixed: every group has a cluster with n_tj > 0
-        prices = np.where(places.cap > 0, 0.0, np.inf)
+        if self.index is None and not places.bounded:
+            return None  # dense and fixed: every group has some cluster with n_tj > 0
+        prices = np.where(places.upper > 0, 0.0, np.inf)
         for start in range(0, self.n_samples, BLOCK_ROWS):
             rows = np.arange(start, min(start + BLOCK_ROWS, self.n_samples))
-            _, v_r, v_o = self.sample_options(rows, prices)
-            best = v_r.max(axis=1) if v_o is None else np.maximum(v_r, v_o).max(axis=1)
+            best = self.options(rows, prices)[1].max(axis=1)
             if not np.isfinite(best).all():
                 bad = rows[np.flatnonzero(~np.isfinite(best))[0]]
                 return (f"sample {int(self.gid[bad])} (group {int(self.groups[bad])}): none of its candidate "
@@ -401,19 +392,51 @@ class Persons:
         return out
 
 
+class _Prices:
+    """Cell prices ``min(R, max(G, Q))`` from the three thresholds (see the module docstring)."""
+
+    def __init__(self, places: Places) -> None:
+        self.places = places
+        self.full = np.where(places.upper > 0, 0.0, np.inf)                # G
+        self.protected = np.where(places.lower > 0, 0.0, np.inf)           # R
+        self.pool = np.where(places.shared > 0, 0.0, np.inf)               # Q
+        self.boundary_bid = np.full(places.size, -np.inf)                  # key of the lower-th highest
+        self.boundary_gid = np.full(places.size, np.iinfo(np.int64).max)
+
+    def cells(self) -> np.ndarray:
+        if not self.places.bounded:
+            return self.full
+        pool = np.tile(self.pool, self.places.n_groups)
+        return np.minimum(self.protected, np.maximum(self.full, pool))
+
+
+def _update_boundary(prices: _Prices, book: _Book, held: np.ndarray, cells: np.ndarray, bid_place: np.ndarray,
+                     bid: np.ndarray, bid_gid: np.ndarray, active: np.ndarray, reducer: Reducer) -> None:
+    """Key of the lower-th highest member of each given cell (the pool lies below it)."""
+    places = prices.places
+    cells = cells[(places.lower[cells] > 0) & (held[cells] >= places.lower[cells])]
+    seg = np.full(places.size, -1, dtype=np.int64)
+    seg[cells] = np.arange(cells.size)
+    thr_bid, thr_gid, _, _ = _stage(book, seg, held[cells] - places.lower[cells], bid_place, bid, bid_gid, active,
+                                    reducer)
+    prices.boundary_bid[cells], prices.boundary_gid[cells] = thr_bid, thr_gid
+    prices.protected[cells] = np.maximum(prices.protected[cells], thr_bid)
+    low = (held < places.lower)
+    prices.boundary_bid[low], prices.boundary_gid[low] = -np.inf, np.iinfo(np.int64).max
+
+
 def run_auction(persons: Persons, reducer: Reducer, options: AuctionOptions | None = None) -> AuctionState:
     """The eps-scaling forward auction (module docstring). SPMD: call on every worker."""
     opts = options or AuctionOptions()
     places = persons.places
-    cap, tk, k_count = places.cap, places.tk, places.n_clusters
-    size = places.size
+    size, k_count, t_count = places.size, places.n_clusters, places.n_groups
+    lower, upper, shared = places.lower, places.upper, places.shared
     n_total = int(reducer.allreduce_sum(np.array([persons.size], dtype=np.int64))[0])
     vmax = float(persons.value.max()) if persons.size else 0.0
     value_range = max(float(allreduce_max(reducer, np.array([vmax]))[0]), 1e-12)
     big = value_range + 1.0
     stop = int(opts.stop_fraction * n_total)
-    prices = np.where(cap > 0, 0.0, np.inf)
-    q = np.where(places.shared > 0, 0.0, np.inf) if places.bounded else None
+    prices = _Prices(places)
     assign = np.full(persons.size, -1, dtype=np.int64)
     column = np.zeros(persons.size, dtype=np.int64)
     bids = np.zeros(persons.size)
@@ -426,66 +449,74 @@ def run_auction(persons: Persons, reducer: Reducer, options: AuctionOptions | No
     rounds = phases = 0
     log: list[str] = []
     waiting = n_total
+    no_bids = np.zeros(0, dtype=np.int64)
     while True:
         phases += 1
         if phases > 1:  # holders that might now violate eps-CS are re-checked (the rest provably do not)
-            eff = effective_prices(places, prices, q)
+            cell_prices = prices.cells()
             hold = np.flatnonzero(assign >= 0)
-            suspect = hold[bids[hold] - eff[assign[hold]] < bid_eps[hold] - eps]
-            _, _, _, v1, _ = persons.best(suspect, eff)
-            current = persons.current_value(suspect, assign[suspect], column[suspect], eff)
+            suspect = hold[bids[hold] - cell_prices[assign[hold]] < bid_eps[hold] - eps]
+            _, _, _, v1, _ = persons.best(suspect, cell_prices)
+            current = persons.current_value(suspect, assign[suspect], column[suspect], cell_prices)
             violate = suspect[current < v1 - eps]
             held -= reducer.allreduce_sum(np.bincount(assign[violate], minlength=size).astype(np.int64))
             assign[violate] = -1
             unassigned = np.flatnonzero(assign < 0)
         keep = np.flatnonzero(assign >= 0)
         book = _Book(size, assign[keep], bids[keep], gid[keep], keep)
+        if places.bounded and phases > 1:
+            _update_boundary(prices, book, held, np.arange(size), no_bids, np.zeros(0), no_bids,
+                             np.zeros(0, dtype=bool), reducer)
         phase_rounds = 0
         while phase_rounds < opts.max_rounds:
             waiting = int(reducer.allreduce_sum(np.array([unassigned.size], dtype=np.int64))[0])
             if waiting <= stop or waiting == 0:
                 break
             phase_rounds += 1
-            eff = effective_prices(places, prices, q)
             bidders = unassigned
-            place, col, y1, v1, v2 = persons.best(bidders, eff)
+            place, col, y1, v1, v2 = persons.best(bidders, prices.cells())
             bid = (y1 - np.maximum(v2, v1 - big) + eps) + 0.0
             bgid = gid[bidders]
             counts = reducer.allreduce_sum(np.bincount(place, minlength=size).astype(np.int64))
             total = held + counts
-            full = np.flatnonzero((counts > 0) & (total >= cap))
+            # a cell keeps its `upper` best
+            full = np.flatnonzero((counts > 0) & (total >= upper))
             seg = np.full(size, -1, dtype=np.int64)
             seg[full] = np.arange(full.size)
-            thr, evicted, rejected = _stage(book, seg, total[full] - cap[full], place, bid, bgid,
-                                            np.ones(bidders.size, dtype=bool), reducer)
-            evicted_loc = [book.loc_of(evicted)]
+            thr, _, evicted, rejected = _stage(book, seg, total[full] - upper[full], place, bid, bgid,
+                                               np.ones(bidders.size, dtype=bool), reducer)
+            lost = [book.loc_of(evicted)]
             book.drop(evicted)
-            prices[full] = np.maximum(prices[full], thr)
-            held = np.where(counts > 0, np.minimum(total, cap), held)
-            if places.bounded:  # optional places: cluster cap S_j over all groups
-                passed = ~rejected & (place >= tk)
-                pass_counts = reducer.allreduce_sum(
-                    np.bincount(place[passed] % k_count, minlength=k_count).astype(np.int64))
-                total_c = held[tk:].reshape(places.n_groups, k_count).sum(axis=0)
-                full_c = np.flatnonzero((pass_counts > 0) & (total_c >= places.shared))
+            prices.full[full] = np.maximum(prices.full[full], thr)
+            held = np.where(counts > 0, np.minimum(total, upper), held)
+            if places.bounded:  # the lower-th best are protected; cluster pools keep their `shared` best
+                touched = np.flatnonzero(counts > 0)
+                _update_boundary(prices, book, held, touched, place, bid, bgid, ~rejected, reducer)
+                pool_cells = np.maximum(held - lower, 0)
+                pool = pool_cells.reshape(t_count, k_count).sum(axis=0)
+                hit = np.zeros(k_count, dtype=bool)
+                hit[touched % k_count] = True
+                full_c = np.flatnonzero(hit & (pool >= shared) & ((pool > 0) | (shared > 0)))
                 seg = np.full(size, -1, dtype=np.int64)
-                for t in range(places.n_groups):
-                    seg[tk + t * k_count + full_c] = np.arange(full_c.size)
-                thr_c, evicted_c, rejected_c = _stage(book, seg, total_c[full_c] - places.shared[full_c], place,
-                                                      bid, bgid, passed, reducer)
-                out_place = np.concatenate([assign[book.loc_of(evicted_c)], place[rejected_c & passed]])
-                held -= reducer.allreduce_sum(np.bincount(out_place, minlength=size).astype(np.int64))
-                evicted_loc.append(book.loc_of(evicted_c))
+                for t in range(t_count):
+                    seg[t * k_count + full_c] = np.arange(full_c.size)
+                thr_c, _, evicted_c, rejected_c = _stage(
+                    book, seg, pool[full_c] - shared[full_c], place, bid, bgid, ~rejected, reducer,
+                    take=pool_cells, below=(prices.boundary_bid, prices.boundary_gid))
+                rejected_c &= ~rejected
+                out_cells = np.concatenate([assign[book.loc_of(evicted_c)], place[rejected_c]])
+                held -= reducer.allreduce_sum(np.bincount(out_cells, minlength=size).astype(np.int64))
+                lost.append(book.loc_of(evicted_c))
                 book.drop(evicted_c)
-                rejected |= rejected_c & passed
-                q[full_c] = np.maximum(q[full_c], thr_c)
+                rejected |= rejected_c
+                prices.pool[full_c] = np.maximum(prices.pool[full_c], np.where(shared[full_c] > 0, thr_c, np.inf))
             accept = ~rejected
             won = bidders[accept]
-            lost = np.concatenate(evicted_loc)
-            assign[lost] = -1
+            lost_all = np.concatenate(lost)
+            assign[lost_all] = -1
             assign[won], column[won], bids[won], bid_eps[won] = place[accept], col[accept], bid[accept], eps
             book.add(place[accept], bid[accept], bgid[accept], won)
-            unassigned = np.concatenate([bidders[rejected], lost])
+            unassigned = np.concatenate([bidders[rejected], lost_all])
         rounds += phase_rounds
         log.append(f"eps={eps:.3g}: {phase_rounds} rounds, {waiting} unassigned")
         LOG.debug("auction phase %d: %s", phases, log[-1])
@@ -493,5 +524,5 @@ def run_auction(persons: Persons, reducer: Reducer, options: AuctionOptions | No
             break
         eps = max(eps / opts.eps_factor, eps_end)
     waiting = int(reducer.allreduce_sum(np.array([unassigned.size], dtype=np.int64))[0])
-    return AuctionState(effective_prices(places, prices, q), assign, column, bids, bid_eps, rounds, phases,
-                        waiting, log)
+    q = np.where(np.isfinite(prices.pool), prices.pool, 0.0) if places.bounded else np.zeros(k_count)
+    return AuctionState(prices.cells(), q, assign, column, bids, bid_eps, rounds, phases, waiting, log)

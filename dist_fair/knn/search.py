@@ -126,7 +126,8 @@ def _exhaustive_candidates(shard: ShardIndex, queries: np.ndarray, kf: int) -> t
     return best_d, best_i
 
 
-def _superset_search(shard: ShardIndex, query: np.ndarray, threshold: float, k_out: int) -> tuple[np.ndarray, np.ndarray]:
+def _superset_search(shard: ShardIndex, query: np.ndarray, threshold: float,
+                     k_out: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k_out`` of one query among every vector whose float32 score is >= ``threshold``."""
     found = []
     for start, chunk in shard.chunks():

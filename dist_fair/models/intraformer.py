@@ -272,14 +272,5 @@ def count_parameters(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def attention_flops(spec: ModelSpec) -> float:
-    """Rough multiply-adds of one forward pass per sequence (for throughput estimates)."""
-    h, length = spec.width, spec.seq_len
-    per_block = length * (4 * h * h + 2 * spec.ffn_mult * h * h) + 2 * length * length * h
-    blocks = spec.layers * (2 + (0 if spec.cross == "none" else 1)) if spec.kind == "intraformer" else spec.layers
-    features = spec.in_dim + (length if spec.sim_features else 0)
-    return float(blocks * per_block + length * features * h + (length * length * spec.in_dim if spec.sim_features else 0))
-
-
 __all__ = ["KINDS", "CROSS_MODES", "ModelSpec", "SequenceClusterer", "AttentionBlock", "CrossBlock", "Attention",
-           "sub_cluster_bounds", "build_model", "count_parameters", "attention_flops"]
+           "sub_cluster_bounds", "build_model", "count_parameters"]
