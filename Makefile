@@ -12,6 +12,8 @@ $(STAMP): setup.py requirements.txt constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@# DeepSpeed's CPU communication op is compiled once per environment into .venv/torch_extensions
+	$(VENV)/bin/dist-fair train --build-ops
 	@touch $(STAMP)
 
 install: $(STAMP)

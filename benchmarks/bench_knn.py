@@ -8,7 +8,8 @@ Side by side in one run, for every index configuration:
   the same parameters (same nlist, training size, seed), search every sample at once, save;
 - dist_fair (`build_knn_graph`, a local Ray instance) with 1 and 2 index actors (workers).
 Each runs in a fresh process, one after the other. Reported: wall time of the whole process
-(Python and Ray start included); the graph time (dist_fair: knn.json's total minus Ray start and
+(Python and Ray start included); CPU seconds of the run's process tree (the fair cost measure when
+the machine is shared); the graph time (dist_fair: knn.json's total minus Ray start and
 its own recall check); peak memory summed over the run's process tree (driver, Ray's daemons and
 workers, sampled every 0.2 s; other programs on the machine are not counted), and the same minus
 an idle Ray instance; recall@k against exact search and same-identity recall (of the neighbours
@@ -23,7 +24,7 @@ of the sampled queries against every sample (faiss.knn), computed once per data 
 
 Usage:
     python benchmarks/bench_knn.py --n 200000                       # every index, 200K
-    python benchmarks/bench_knn.py --n 1000000 --indexes ivf --name bench_knn_1m
+    python benchmarks/bench_knn.py --n 1000000 --indexes hnsw --workers 1 --no-reference --name bench_knn_1m
 """
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-class TreeMemorySampler:
-    """Peak summed RSS of a process and all its descendants (the run's driver, Ray's daemons and
-    workers), sampled every ``interval`` seconds. Only this tree is counted: other programs on a
-    shared machine are not."""
+class TreeSampler:
+    """Peak summed RSS and total CPU time (user + system) of a process and all its descendants (the
+    run's driver, Ray's daemons and workers), sampled every ``interval`` seconds. Only this tree is
+    counted: other programs on a shared machine are not. CPU time is the load-independent cost
+    measure on a busy machine (a process's last < ``interval`` seconds before it exits are missed)."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         import psutil
@@ -69,6 +71,7 @@ class TreeMemorySampler:
         self.root = psutil.Process(pid)
         self.interval = interval
         self.peak = 0
+        self.cpu: dict[tuple[int, float], float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -82,17 +85,20 @@ class TreeMemorySampler:
                 procs = []
             for proc in procs:
                 try:
-                    total += proc.memory_info().rss
+                    with proc.oneshot():
+                        total += proc.memory_info().rss
+                        times = proc.cpu_times()
+                        self.cpu[(proc.pid, proc.create_time())] = times.user + times.system
                 except self.psutil.Error:
                     pass
             self.peak = max(self.peak, total)
             time.sleep(self.interval)
 
-    def stop(self) -> float:
-        """Stop sampling; the peak in MiB."""
+    def stop(self) -> tuple[float, float]:
+        """Stop sampling; ``(peak MiB, CPU seconds)``."""
         self._stop.set()
         self._thread.join()
-        return self.peak / 2**20
+        return self.peak / 2**20, sum(self.cpu.values())
 
 
 # --------------------------------------------------------------------------- the two runners (child processes)
@@ -201,18 +207,19 @@ def ground_truth(shards: Path, k: int, sample: int, seed: int) -> tuple[np.ndarr
     return ids, exact, identity
 
 
-def measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run ``cmd``; return the completed process, wall seconds and peak MiB of its process tree."""
+def measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float, float]:
+    """Run ``cmd``; return the completed process, wall seconds, peak MiB and CPU seconds of its
+    process tree."""
     start = time.perf_counter()
     # RAY_ADDRESS=local: a private Ray instance per run (ray.init() without an address would join the
     # latest Ray cluster started on this machine, e.g. another program's).
     env = {**os.environ, "TQDM_DISABLE": "1", "RAY_ADDRESS": os.environ.get("RAY_ADDRESS", "local")}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    sampler = TreeMemorySampler(proc.pid)
+    sampler = TreeSampler(proc.pid)
     out, err = proc.communicate()
     wall = time.perf_counter() - start
-    peak = sampler.stop()
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), wall, peak
+    peak, cpu = sampler.stop()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), wall, peak, cpu
 
 
 def idle_ray_mib() -> float:
@@ -226,12 +233,12 @@ def child(args: argparse.Namespace, runner: str, name: str, workers: int, out: P
     cmd = [sys.executable, __file__, "--child", runner, "--config", name, "--workers-one", str(workers),
            "--shards", str(args.shards_dir), "--out-one", str(out), "--k", str(args.k),
            "--recall-sample", str(args.recall_sample)]
-    proc, wall, peak = measured(cmd)
+    proc, wall, peak, cpu = measured(cmd)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-        return {"failed": True, "wall_s": wall, "peak_mem_mib": peak}
+        return {"failed": True, "wall_s": wall, "peak_mem_mib": peak, "cpu_s": cpu}
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res.update(wall_s=wall, peak_mem_mib=peak)
+    res.update(wall_s=wall, peak_mem_mib=peak, cpu_s=cpu)
     return res
 
 
@@ -240,8 +247,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200_000, help="target samples (identities = n / 46)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=80)
-    parser.add_argument("--indexes", default="hnsw,ivf,ivfpq", help=f"comma list of {sorted(CONFIGS)}")
+    parser.add_argument("--indexes", default="ivf,ivfpq64,hnsw", help=f"comma list of {sorted(CONFIGS)}")
     parser.add_argument("--workers", default="1,2", help="dist_fair worker counts")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the single-process faiss run (only the absolute targets are checked)")
     parser.add_argument("--recall-sample", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="bench_knn", help="results file stem")
@@ -289,7 +298,8 @@ def main() -> None:
                 and not r.get("failed")]
     for name in args.indexes.split(","):
         reference: dict[str, Any] | None = None
-        runs = [("faiss", 1)] + [("dist", int(w)) for w in args.workers.split(",")]
+        runs = [] if args.no_reference else [("faiss", 1)]
+        runs += [("dist", int(w)) for w in args.workers.split(",")]
         for runner, workers in runs:
             label = "faiss, 1 process" if runner == "faiss" else f"dist_fair, {workers} worker(s)"
             done = [r for r in rows if r["index"] == name and r["runner"] == label]
@@ -309,7 +319,7 @@ def main() -> None:
                 continue
             tm = res["timings"]
             nbrs = np.load(out / "nbrs.npy", mmap_mode="r")[sample_ids]
-            row.update(wall_s=round(res["wall_s"], 1), graph_s=round(tm["graph_s"], 1),
+            row.update(wall_s=round(res["wall_s"], 1), cpu_s=round(res["cpu_s"], 1), graph_s=round(tm["graph_s"], 1),
                        load_s=round(tm.get("load_s", 0), 1),
                        train_add_s=round(tm.get("train_s", 0) + tm.get("add_s", 0), 1),
                        search_s=round(tm.get("search_s", 0), 1), peak_mem_MiB=round(res["peak_mem_mib"]),
@@ -324,6 +334,7 @@ def main() -> None:
             elif reference is not None:
                 row["graph_vs_faiss"] = round(row["graph_s"] / reference["graph_s"], 3)
                 row["wall_vs_faiss"] = round(row["wall_s"] / reference["wall_s"], 3)
+                row["cpu_vs_faiss"] = round(row["cpu_s"] / reference["cpu_s"], 3)
             rows.append(row)
             print_table([row])
             write_results(args.name, rows, extra)  # after every run: a long benchmark keeps what it measured

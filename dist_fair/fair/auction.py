@@ -470,7 +470,7 @@ def run_auction(persons: Persons, reducer: Reducer, options: AuctionOptions | No
         phase_rounds = 0
         while phase_rounds < opts.max_rounds:
             waiting = int(reducer.allreduce_sum(np.array([unassigned.size], dtype=np.int64))[0])
-            if waiting <= stop or waiting == 0:
+            if waiting == 0 or (eps <= eps_end and waiting <= stop):
                 break
             phase_rounds += 1
             bidders = unassigned
