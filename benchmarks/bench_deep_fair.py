@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, print_table, write_results  # noqa: E402
+from common import RESULTS, print_table, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = (ROOT / ".." / "shared" / "data").resolve()
@@ -148,20 +148,24 @@ def curves_of(model: Any) -> list[dict[str, Any]]:
 
 
 def run_dataset(dataset: str, seeds: list[int], methods: list[str], cache: Path, limit: int | None,
-                epochs_scale: float) -> list[dict[str, Any]]:
-    """All methods x seeds on one data set; each finished run is cached as JSON."""
+                epochs_scale: float, train: bool = True) -> list[dict[str, Any]]:
+    """All methods x seeds on one data set; each finished run is cached as JSON (``train=False``:
+    only the cached runs)."""
     from dist_fair.deep.estimators import DEC, DFDC, IMSAT, FairDEC, Fairoids, clustering_scores, pretrain_autoencoder
     from dist_fair.io_atomic import atomic_write_json
 
     cfg = {k: (max(1, int(round(v * epochs_scale))) if k.endswith("epochs") else v)
            for k, v in SETTINGS[dataset].items()}
-    data = load(dataset, limit)
+    data = load(dataset, limit) if train else {"images": None, "flat": np.zeros((0, 1)), "groups": np.zeros(0, int),
+                                                   "y": np.zeros(0, int)}
     X_img = data["images"] if data["images"] is not None else data["flat"]
     X_flat, groups, y = data["flat"], data["groups"], data["y"]
     k = cfg["k"]
     eps = None
     runs: list[dict[str, Any]] = []
     LOG.info("%s: %d samples, groups %s, config %s", dataset, len(y), np.bincount(groups).tolist(), cfg)
+    if not train:
+        LOG.info("%s: using the cached runs only", dataset)
     for seed in seeds:
         fitted: dict[str, Any] = {}
         autoencoder = None
@@ -190,7 +194,10 @@ def run_dataset(dataset: str, seeds: list[int], methods: list[str], cache: Path,
                     runs.append(record)
             return bool(todo)
 
-        common = dict(random_state=seed, verbose=False, fair_assign=fair_assign_with_fallback)
+        if not train:
+            runs += [r for r in (cached(m) for m in methods) if r is not None]
+            continue
+        common = dict(random_state=seed, verbose=True, fair_assign=fair_assign_with_fallback)
         if "kmeans" in methods and need("kmeans"):
             from sklearn.cluster import KMeans
 
@@ -300,6 +307,10 @@ def check_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
+    """Per data set: the network's ACC (top) and the balance of the network's labels (solid) and of
+    the fair assignment (dashed, bottom) per epoch, seed 0. DFDC's curve starts with its IMSAT
+    pre-training and Fair-DEC's with DEC (the dotted vertical line marks where the fairness loss
+    starts); Fairoids trains with its fairness loss throughout."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,23 +318,31 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
 
     datasets = sorted({r["dataset"] for r in runs}, key=DATASETS.index)
     fig, axes = plt.subplots(2, max(1, len(datasets)), figsize=(4.5 * max(1, len(datasets)), 7), squeeze=False)
+    colours = {"dfdc": "tab:red", "fair_dec": "tab:green", "fairoids": "tab:purple"}
     for col, dataset in enumerate(datasets):
-        for method in METHODS:
-            run = next((r for r in runs if r["dataset"] == dataset and r["method"] == method and r["seed"] == min(
-                rr["seed"] for rr in runs if rr["dataset"] == dataset)), None)
-            if run is None or not run["curves"]:
+        first_seed = min(r["seed"] for r in runs if r["dataset"] == dataset)
+        for method, colour in colours.items():
+            run = next((r for r in runs if r["dataset"] == dataset and r["method"] == method
+                        and r["seed"] == first_seed), None)
+            curve = [c for c in (run or {}).get("curves", []) if "net_acc" in c]
+            if not curve:
                 continue
-            curve = [c for c in run["curves"] if "net_acc" in c]
             x = np.arange(1, len(curve) + 1)
-            line, = axes[0, col].plot(x, [c["net_acc"] for c in curve], label=method)
-            axes[1, col].plot(x, [c["net_balance"] for c in curve], color=line.get_color(), label=f"{method} net")
+            base = {"dfdc": "IMSAT", "fair_dec": "DEC"}.get(method)
+            axes[0, col].plot(x, [c["net_acc"] for c in curve], color=colour,
+                              label=f"{method}" + (f" (after {base})" if base else ""))
+            axes[1, col].plot(x, [c["net_balance"] for c in curve], color=colour, label=f"{method} network")
             fair = [(i + 1, c["fair_balance"]) for i, c in enumerate(curve) if "fair_balance" in c]
-            if fair and method in ("dfdc", "fair_dec"):
-                axes[1, col].plot(*zip(*fair), color=line.get_color(), linestyle="--", label=f"{method} fair")
-        axes[0, col].set_title(dataset)
-        axes[0, col].set_ylabel("ACC (network)")
-        axes[1, col].set_ylabel("balance")
-        axes[1, col].set_xlabel("epoch (after pre-training)")
+            if fair:
+                axes[1, col].plot(*zip(*fair), color=colour, linestyle="--", label=f"{method} fair assignment")
+            starts = [i + 1 for i, c in enumerate(curve) if c.get("phase") == "fair"]
+            if base and starts:
+                for ax in axes[:, col]:
+                    ax.axvline(starts[0] - 0.5, color=colour, linestyle=":", linewidth=1)
+        axes[0, col].set_title(f"{dataset} (seed {first_seed})")
+        axes[0, col].set_ylabel("ACC of the network's labels")
+        axes[1, col].set_ylabel("balance (eq 6.2)")
+        axes[1, col].set_xlabel("epoch")
         axes[0, col].legend(fontsize=7)
         axes[1, col].legend(fontsize=7)
     fig.tight_layout()
@@ -341,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--cache", default=str(RESULTS / "tmp" / "deep_fair"), help="per-run results (resume)")
     parser.add_argument("--name", default="bench_deep_fair", help="results file name")
+    parser.add_argument("--cached-only", action="store_true", help="no training: table of the cached runs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
@@ -354,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     runs: list[dict[str, Any]] = []
     for dataset in args.datasets:
-        runs += run_dataset(dataset, args.seeds, args.methods, cache, args.limit, args.epochs_scale)
+        runs += run_dataset(dataset, args.seeds, args.methods, cache, args.limit, args.epochs_scale,
+                            train=not args.cached_only)
     rows = summarise(runs, args.datasets, args.methods)
     shown = [{"dataset": r["dataset"], "method": r["method"], "labels": r["labels"],
               "ACC": fmt(r["acc_mean"], r["acc_std"]), "pub ACC": r["pub_acc"],

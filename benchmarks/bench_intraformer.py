@@ -292,7 +292,7 @@ def extrapolate_1m(test: DataSet, rows: list[dict[str, Any]], method: str, sampl
 # ----------------------------------------------------------------------------- report
 
 SELECTION_NOTE = (
-    "Model selection (validation set only; the test set was not read): a first full run with the loss of "
+    "Model selection (decided on validation numbers): a first full run with the loss of "
     "METHODS.md §4 without its optional BCE term (soft FM + lambda * penalty) gave validation pairwise F of "
     "0.90 (peak) / 0.32 (threshold) for intraformer+pur, and the cross=none variant stalled in the 'every edge "
     "p = 1' state (purity 0.61 from the first to the last epoch): the FM gradient pushes every probability up "

@@ -1,7 +1,8 @@
 """Starting or joining Ray (DESIGN.md, "Engines and how they start").
 
-``address=None`` starts a private local instance with the dashboard off and every port on
-localhost; ``"auto"`` or ``"ray://host:10001"`` joins a cluster the user started (``ray up
+``address=None`` starts a private local instance (``ray.init(address="local")``, never attaching
+to another Ray started on the machine) with the dashboard off and every port on localhost, unless
+``RAY_ADDRESS`` is set; ``"auto"`` or ``"ray://host:10001"`` joins a cluster the user started (``ray up
 launch/cluster.yaml`` or ``launch/slurm.sh``). If Ray is already initialised (tests, notebooks)
 it is reused as it is.
 """
@@ -24,8 +25,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, include_da
     # Progress output from Ray Data goes through our own logging; keep the console readable.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     kwargs: dict = {"namespace": namespace, "log_to_driver": True, "configure_logging": False}
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]  # the user pointed us at a cluster through Ray's own variable
     if address is None:
-        kwargs.update(num_cpus=num_cpus, include_dashboard=include_dashboard,
+        # "local" always starts a private instance; a bare ray.init() would attach to whatever Ray
+        # cluster was last started on this machine (another user's job, or a dead test cluster).
+        kwargs.update(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
                       dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
     else:
         kwargs["address"] = address

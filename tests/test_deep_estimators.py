@@ -117,6 +117,11 @@ def test_string_groups_and_no_groups(blobs):
     model = IMSAT(n_clusters=2, epochs=1, batch_size=128, vat_eps=0.5).fit(X, names)
     assert model.group_values_.tolist() == ["female", "male"]
     assert_proportional(model.fair_labels_, g)
+    shares = {"female": float(np.mean(g == 0)), "male": float(np.mean(g == 1))}
+    with_rho = IMSAT(n_clusters=2, epochs=1, batch_size=128, vat_eps=0.5, rho=shares, fair_eps=0.1).fit(X, names)
+    assert with_rho.metrics_["fair_fairness"] >= 0.9 - 1e-9  # within eps = 10% of the target shares
+    with pytest.raises(ConfigError, match="no share"):
+        IMSAT(n_clusters=2, epochs=0, vat_eps=0.5, rho={"female": 1.0}).fit(X, names)
     plain = IMSAT(n_clusters=2, epochs=1, batch_size=128, vat_eps=0.5).fit(X)
     assert plain.fair_labels_ is None and "net_balance" not in plain.metrics_
 

@@ -1,5 +1,9 @@
 """Decoding a kNN graph (or predicted edges) into clusters (METHODS.md §4, "Decoding")."""
-from dist_fair.cluster.components import connected_components
-from dist_fair.cluster.threshold import choose_threshold, threshold_edges, threshold_clusters
+from dist_fair.cluster.components import UnionFind, connected_components
+from dist_fair.cluster.edges import choose_decoding, decode_edges
+from dist_fair.cluster.peak import choose_peak_floor, neighbour_confidence, peak_clusters, peak_edges
+from dist_fair.cluster.threshold import choose_threshold, threshold_clusters, threshold_edges
 
-__all__ = ["connected_components", "threshold_edges", "threshold_clusters", "choose_threshold"]
+__all__ = ["UnionFind", "connected_components", "threshold_edges", "threshold_clusters", "choose_threshold",
+           "neighbour_confidence", "peak_edges", "peak_clusters", "choose_peak_floor", "decode_edges",
+           "choose_decoding"]

@@ -369,9 +369,24 @@ class _DeepClusterer(ClusterMixin, BaseEstimator):
             raise DataError(f"groups has a single value {self.group_values_.tolist()}; fairness needs >= 2 groups")
         return codes.astype(np.int64)
 
+    def _rho_vector(self) -> list[float] | None:
+        """``rho`` as one share per group in the order of ``group_values_`` (a dict maps value -> share)."""
+        if self.rho is None:
+            return None
+        if isinstance(self.rho, dict):
+            missing = [v for v in self.group_values_.tolist() if v not in self.rho]
+            if missing:
+                raise ConfigError(f"rho has no share for group(s) {missing}; give one for every group")
+            return [float(self.rho[v]) for v in self.group_values_.tolist()]
+        shares = [float(v) for v in self.rho]
+        if len(shares) != len(self.group_values_):
+            raise ConfigError(f"rho holds {len(shares)} shares for {len(self.group_values_)} groups "
+                              f"{self.group_values_.tolist()}; give one per group, in that (sorted) order")
+        return shares
+
     def _fair(self, probs: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, Any]:
-        return call_fair_assign(self.fair_assign, probs.astype(np.float64), codes, rho=self.rho, eps=self.fair_eps,
-                                method=self.fair_method, top_m=self.fair_top_m)
+        return call_fair_assign(self.fair_assign, probs.astype(np.float64), codes, rho=self._rho_vector(),
+                                eps=self.fair_eps, method=self.fair_method, top_m=self.fair_top_m)
 
     # -------------------------------------------------------------- epoch records
     def _record(self, phase: str, epoch: int, sums: dict[str, float], rows: int, seconds: float,
@@ -499,12 +514,12 @@ class _Discriminative(_DeepClusterer):
                 seconds = time.perf_counter() - start
                 probs_all = predict_probs(model, data, dev)
                 report = None
-                needs_fair = fair_epochs > 0 and (phase == "fair" or epoch == count - 1)
+                needs_fair = codes is not None  # recorded every epoch; the pseudo-labels of the next one
                 if needs_fair:
                     fair_np, report = self._fair(probs_all, codes)
                 self._record(phase, epoch, sums, data.shape[0], seconds, probs_all, codes, y,
                              fair_np if needs_fair else None, report)
-        self._final_fair = (probs_all, fair_np) if fair_epochs else None
+        self._final_fair = (probs_all, fair_np) if codes is not None and probs_all is not None else None
 
 
 class IMSAT(_Discriminative):
@@ -622,13 +637,6 @@ class _CentroidBased(_DeepClusterer):
                                  rho=self._rho_vector())
         return DECModel(encoder, self.n_clusters, self._latent())
 
-    def _rho_vector(self) -> list[float] | None:
-        if self.rho is None:
-            return None
-        if isinstance(self.rho, dict):
-            return [float(self.rho[v]) for v in self.group_values_.tolist()]
-        return [float(v) for v in self.rho]
-
     def _kmeans_init(self, model, data) -> None:
         import torch
         from sklearn.cluster import KMeans
@@ -718,7 +726,7 @@ class _CentroidBased(_DeepClusterer):
                 previous = q_all.argmax(axis=1)
                 q_all = predict_probs(model, data, dev)
                 report = None
-                needs_fair = self._fair_training and self.epochs > 0 and (phase == "fair" or epoch == count - 1)
+                needs_fair = codes is not None  # recorded every epoch; Fair-DEC's next pseudo-labels
                 if needs_fair:
                     fair_np, report = self._fair(q_all, codes)
                 self._record(phase, epoch, sums, data.shape[0], seconds, q_all, codes, y,
@@ -728,7 +736,7 @@ class _CentroidBased(_DeepClusterer):
                     LOG.info("%s: %.3f%% of labels changed in epoch %d (< tol %.3f%%); stopping", type(self).__name__,
                              100 * changed, epoch, 100 * self.tol)
                     break
-        self._final_fair = (q_all, fair_np) if self._fair_training and self.epochs else None
+        self._final_fair = (q_all, fair_np) if codes is not None else None
 
     @property
     def cluster_centers_(self) -> np.ndarray:

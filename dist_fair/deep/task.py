@@ -38,12 +38,11 @@ arrays carry a ``vat_eps`` column, that per-sample value.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -131,7 +130,7 @@ def make_model(options: DeepOptions, dim: int, phase: str, init_weights: str | N
     """The module of one phase: the autoencoder, or the clustering model (IMSAT/DFDC network, DEC,
     Fairoids) with the previous phase's weights (the encoder for the DEC family)."""
     from dist_fair.models.backbones import create_backbone
-    from dist_fair.models.deep_clustering import Autoencoder, DECModel, FairoidsModel, IMSATModel
+    from dist_fair.models.deep_clustering import Autoencoder, IMSATModel
 
     if phase == "autoencoder":
         return Autoencoder(dim, options.latent, options.ae_hidden)
@@ -442,11 +441,11 @@ def sync_batchnorm_stats(ctx: Any) -> None:
                 buffer.copy_(torch.from_numpy(np.asarray(total) / ctx.world_size).to(buffer))
 
 
-def _refresh(ctx: Any, options: DeepOptions, next_epoch: int, last: bool) -> dict[str, float]:
+def _refresh(ctx: Any, options: DeepOptions) -> dict[str, float]:
     """Predict this worker's share; update DEC's target and the fair assignment; score both labelings."""
-    from dist_fair.losses.deep_clustering import dec_target_distribution
-
     import torch
+
+    from dist_fair.losses.deep_clustering import dec_target_distribution
 
     sync_batchnorm_stats(ctx)
     pred = _predict_share(ctx, options)
@@ -458,8 +457,7 @@ def _refresh(ctx: Any, options: DeepOptions, next_epoch: int, last: bool) -> dic
         ctx.state["target"] = target.float().numpy()
     labels = pred.probs.argmax(axis=1).astype(np.int64) if len(pred.probs) else np.zeros(0, np.int64)
     metrics.update(global_scores(ctx, options, labels, pred.groups, pred.identity, "net"))
-    needs_fair = pred.groups is not None and (
-        (options.method in ("dfdc", "fair_dec") and next_epoch >= options.pretrain_epochs) or last)
+    needs_fair = pred.groups is not None  # recorded every epoch; the next epoch's pseudo-labels
     if needs_fair:
         fair = global_fair_assignment(ctx, options, pred.ids, pred.probs, pred.groups)
         ctx.state["fair_labels"] = fair
@@ -467,9 +465,9 @@ def _refresh(ctx: Any, options: DeepOptions, next_epoch: int, last: bool) -> dic
     return metrics
 
 
-def epoch_hook(options: DeepOptions, epochs: int, ctx: Any) -> dict[str, float]:
+def epoch_hook(options: DeepOptions, ctx: Any) -> dict[str, float]:
     """After every epoch, on all workers (see the module docstring)."""
-    return _refresh(ctx, options, ctx.epoch + 1, last=ctx.epoch == epochs - 1)
+    return _refresh(ctx, options)
 
 
 def distributed_kmeans(ctx: Any, codes: np.ndarray, k: int, sample: int, iters: int, seed: int) -> np.ndarray:
@@ -511,7 +509,7 @@ def setup_hook(options: DeepOptions, init_weights: str | None, ctx: Any) -> dict
         centroids = distributed_kmeans(ctx, pred.codes, options.n_clusters, options.kmeans_sample,
                                        options.kmeans_iters, options.seed)
         module.set_centroids(centroids)
-    return _refresh(ctx, options, 0, last=False)
+    return _refresh(ctx, options)
 
 
 def _has_centroids(init_weights: str | None) -> bool:
@@ -551,15 +549,14 @@ def _streams(data: Any, options: DeepOptions, block_rows: int):
     return InMemoryStreams(arrays, block_rows=block_rows), int(arrays["emb"].shape[1])
 
 
-def deep_task(options: DeepOptions, data: Any, phase: str = "cluster", epochs: int = 1,
-              init_weights: str | None = None, block_rows: int = 1024) -> TrainTask:
+def deep_task(options: DeepOptions, data: Any, phase: str = "cluster", init_weights: str | None = None,
+              block_rows: int = 1024) -> TrainTask:
     """The TrainTask of one phase (``"autoencoder"`` or ``"cluster"``) of ``options.method``.
 
     Args:
         options: method and hyper-parameters.
         data: an embedding shard folder, or arrays ``{"emb", "ids", "identity", "attr_<name>"[, "vat_eps"]}``.
         phase: ``"autoencoder"`` (DEC family pre-training) or ``"cluster"``.
-        epochs: epochs of this phase (the epoch hook marks the last one's fair assignment).
         init_weights: ``model.pt`` of the previous phase (the autoencoder, or a clustering model).
         block_rows: rows per block of in-memory streams.
     """
@@ -578,7 +575,7 @@ def deep_task(options: DeepOptions, data: Any, phase: str = "cluster", epochs: i
     loss = discriminative_loss if options.method in ("imsat", "dfdc") else centroid_loss
     return TrainTask(name=f"{options.method}", model_factory=factory, loss_fn=functools.partial(loss, options),
                      setup_hook=functools.partial(setup_hook, options, init_weights),
-                     epoch_hook=functools.partial(epoch_hook, options, epochs), evaluate=_no_evaluation, **common)
+                     epoch_hook=functools.partial(epoch_hook, options), evaluate=_no_evaluation, **common)
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -617,10 +614,10 @@ def train_deep(options: DeepOptions, data: Any, train: Any, run_dir: str | Path,
     phases: dict[str, Any] = {}
     if options.method in CENTROID_METHODS and init_weights is None:
         ae_config = ae_train or train
-        ae_task = deep_task(options, data, phase="autoencoder", epochs=ae_config.epochs)
+        ae_task = deep_task(options, data, phase="autoencoder")
         phases["autoencoder"] = fit(ae_task, ae_config, run_dir / "autoencoder", progress=progress, use_gpu=use_gpu)
         init_weights = str(phases["autoencoder"].model_path)
-    task = deep_task(options, data, phase="cluster", epochs=train.epochs, init_weights=init_weights)
+    task = deep_task(options, data, phase="cluster", init_weights=init_weights)
     phases["cluster"] = fit(task, train, run_dir / "cluster", progress=progress, use_gpu=use_gpu)
     final = {k[len("hook_"):]: v for k, v in phases["cluster"].metrics.items() if k.startswith("hook_")}
     return DeepResult(options.method, final, phases["cluster"].model_path, phases)
@@ -655,9 +652,9 @@ def build_deep_task(job: Any, run_dir: Any = None) -> TrainTask:
             raise ConfigError(f"train.model={model}: needs a run folder for the autoencoder phase")
         from dist_fair.train.engine import fit
 
-        ae_task = deep_task(options, job.data.shards, phase="autoencoder", epochs=job.train.epochs)
+        ae_task = deep_task(options, job.data.shards, phase="autoencoder")
         init_weights = str(fit(ae_task, job.train, Path(run_dir) / "autoencoder").model_path)
-    return deep_task(options, job.data.shards, phase="cluster", epochs=job.train.epochs, init_weights=init_weights)
+    return deep_task(options, job.data.shards, phase="cluster", init_weights=init_weights)
 
 
 __all__ = ["DeepOptions", "DeepResult", "METHODS", "deep_task", "train_deep", "build_deep_task", "make_model",

@@ -59,8 +59,9 @@ class FairAssignReport:
         certified: gap <= 1e-9 N (auction), or the solver's own optimality (exact/lp).
         samples_changed: samples whose label differs from argmax.
         balance_before/after, fairness_before/after: eq 6.2 / 6.3 of argmax and of the result.
-        rounds, phases: auction rounds and eps phases; finish_iterations, free_samples: exact-finish
-            LP solves and free persons in the last one.
+        rounds, phases: auction rounds and eps phases; finish_iterations, augmented, cycles,
+            finish_seconds: exact-finish repair rounds, samples placed by shortest paths, negative
+            cycles cancelled, time.
     """
 
     method: str
@@ -84,8 +85,9 @@ class FairAssignReport:
     rounds: int = 0
     phases: int = 0
     finish_iterations: int = 0
-    free_samples: int = 0
-    lp_seconds: float = 0.0
+    augmented: int = 0
+    cycles: int = 0
+    finish_seconds: float = 0.0
     targets_fixed: bool = True
     counts_after: list[list[int]] | None = None
     notes: list[str] = field(default_factory=list)
@@ -204,7 +206,8 @@ def solve_shard(shard: Shard, reducer: Reducer | None = None, *, n_groups: int |
         balance_after=balance_from_counts(after), fairness_before=fairness_from_counts(before, fair.rho),
         fairness_after=fairness_from_counts(after, fair.rho), seconds=time.perf_counter() - start,
         workers=reducer.world_size, rounds=state.rounds, phases=state.phases,
-        finish_iterations=result.iterations, free_samples=result.free, lp_seconds=result.lp_seconds,
+        finish_iterations=result.iterations, augmented=result.augmented, cycles=result.cycles,
+        finish_seconds=result.seconds,
         targets_fixed=fair.fixed, counts_after=after.tolist() if t * k <= 4096 else None,
         notes=list(fair.notes) + state.log)
     return labels, report

@@ -19,7 +19,6 @@ import logging
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 LOG = logging.getLogger(__name__)
