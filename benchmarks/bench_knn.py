@@ -9,13 +9,15 @@ Side by side in one run, for every index configuration:
 - dist_fair (`build_knn_graph`, a local Ray instance) with 1 and 2 index actors (workers).
 Each runs in a fresh process, one after the other. Reported: wall time of the whole process
 (Python and Ray start included); CPU seconds of the run's process tree (the fair cost measure when
-the machine is shared); the graph time (dist_fair: knn.json's total minus Ray start and
-its own recall check); peak memory summed over the run's process tree (driver, Ray's daemons and
-workers, sampled every 0.2 s; other programs on the machine are not counted), and the same minus
-an idle Ray instance; recall@k against exact search and same-identity recall (of the neighbours
-in a sample's exact top-k that share its identity, the fraction found) on one fixed random sample
-of queries; dist_fair's own recall from knn.json; the machine's 1-minute load average before and
-after each run (the machine may be shared: timings under different load are not comparable).
+the machine is shared) and of the processes doing the work (faiss: the process; dist_fair: the
+driver plus the index actors, i.e. without Ray's own daemons); the graph time (dist_fair:
+knn.json's total minus Ray start and its own recall check); peak memory summed over the run's
+process tree (driver, Ray's daemons and workers, sampled every 0.2 s; other programs on the
+machine are not counted), and the same minus an idle Ray instance; recall@k against exact search
+and same-identity recall (of the neighbours in a sample's exact top-k that share its identity, the
+fraction found) on one fixed random sample of queries; dist_fair's own recall from knn.json; the
+machine's 1-minute load average before and after each run (the machine may be shared: timings
+under different load are not comparable).
 Results are written after every run; --resume skips runs already in the results file.
 
 Data: `generate_synthetic_shards` (preset balanced, 46 images per identity on average, fp16
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -153,7 +156,8 @@ def run_faiss(shards: Path, out: Path, cfg: dict[str, Any], k: int) -> dict[str,
     np.save(out / "sims.npy", sims)
     times["write_s"] = time.perf_counter() - t
     times["graph_s"] = sum(times.values())
-    return {"timings": times, "params": p}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"timings": times, "params": p, "work_cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def run_dist(shards: Path, out: Path, cfg: dict[str, Any], k: int, workers: int, recall_sample: int) -> dict[str, Any]:
@@ -169,8 +173,10 @@ def run_dist(shards: Path, out: Path, cfg: dict[str, Any], k: int, workers: int,
     times = dict(result.timings)
     times["ray_init_s"] = ray_s
     times["graph_s"] = times["total_s"] - times.get("recall_s", 0.0)
+    actors = result.info.get("actors") or []
+    work_cpu = result.info.get("driver_cpu_s", 0.0) + sum(a.get("cpu_s") or 0.0 for a in actors)
     return {"timings": times, "recall_at_k": result.recall_at_k, "same_identity_recall": result.same_identity_recall,
-            "actors": result.info.get("actors"), "driver_peak_rss_mib": result.info.get("driver_peak_rss_mib")}
+            "actors": actors, "driver_peak_rss_mib": result.info.get("driver_peak_rss_mib"), "work_cpu_s": work_cpu}
 
 
 # --------------------------------------------------------------------------- parent
@@ -319,7 +325,8 @@ def main() -> None:
                 continue
             tm = res["timings"]
             nbrs = np.load(out / "nbrs.npy", mmap_mode="r")[sample_ids]
-            row.update(wall_s=round(res["wall_s"], 1), cpu_s=round(res["cpu_s"], 1), graph_s=round(tm["graph_s"], 1),
+            row.update(wall_s=round(res["wall_s"], 1), cpu_s=round(res["cpu_s"], 1),
+                       work_cpu_s=round(res.get("work_cpu_s", float("nan")), 1), graph_s=round(tm["graph_s"], 1),
                        load_s=round(tm.get("load_s", 0), 1),
                        train_add_s=round(tm.get("train_s", 0) + tm.get("add_s", 0), 1),
                        search_s=round(tm.get("search_s", 0), 1), peak_mem_MiB=round(res["peak_mem_mib"]),
@@ -335,6 +342,7 @@ def main() -> None:
                 row["graph_vs_faiss"] = round(row["graph_s"] / reference["graph_s"], 3)
                 row["wall_vs_faiss"] = round(row["wall_s"] / reference["wall_s"], 3)
                 row["cpu_vs_faiss"] = round(row["cpu_s"] / reference["cpu_s"], 3)
+                row["work_cpu_vs_faiss"] = round(row["work_cpu_s"] / reference.get("work_cpu_s", float("nan")), 3)
             rows.append(row)
             print_table([row])
             write_results(args.name, rows, extra)  # after every run: a long benchmark keeps what it measured

@@ -128,12 +128,13 @@ def _exchange_candidates(persons: Persons, rows: np.ndarray, assign: np.ndarray,
 
 
 def _min_by_key(keys: np.ndarray, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique keys (sorted) and the smallest cost of each."""
     if keys.size == 0:
         return keys.astype(np.int64), costs
-    order = np.lexsort((costs, keys))
-    keys, costs = keys[order], costs[order]
-    first = np.concatenate([[True], keys[1:] != keys[:-1]])
-    return keys[first], costs[first]
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    return keys[starts], np.minimum.reduceat(costs[order], starts)
 
 
 def _potentials(n_nodes: int, src: np.ndarray, dst: np.ndarray, w: np.ndarray, init: np.ndarray, slack: float):
@@ -151,8 +152,7 @@ def _potentials(n_nodes: int, src: np.ndarray, dst: np.ndarray, w: np.ndarray, i
     lengths = np.diff(np.append(starts, dst_s.size))
     pred = np.full(n_nodes, -1, dtype=np.int64)
     positions = np.arange(dst_s.size)
-    last_changed = None
-    for _ in range(n_nodes + 2):
+    for iteration in range(n_nodes + 2):
         cand = phi[src_s] - w_s
         best = np.maximum.reduceat(cand, starts)
         improve = best > phi[heads] + slack
@@ -161,10 +161,31 @@ def _potentials(n_nodes: int, src: np.ndarray, dst: np.ndarray, w: np.ndarray, i
         arg = np.minimum.reduceat(np.where(cand >= np.repeat(best, lengths), positions, dst_s.size), starts)
         pred[heads[improve]] = order[arg[improve]]
         phi[heads[improve]] = best[improve]
-        last_changed = heads[improve][0]
-    node = last_changed
-    for _ in range(n_nodes):
-        node = src[pred[node]]
+        if iteration % 16 == 15 or iteration == n_nodes + 1:
+            node = _on_pred_cycle(pred, src, heads[improve], n_nodes)
+            if node is not None:
+                return None, _cycle_from(pred, src, node, n_nodes)
+    raise DistFairError("Bellman-Ford did not settle")  # pragma: no cover - a cycle is found above
+
+
+def _on_pred_cycle(pred: np.ndarray, src: np.ndarray, nodes: np.ndarray, n_nodes: int) -> int | None:
+    """A node on a cycle of the predecessor graph reachable from ``nodes``, or None (pointer jumping:
+    a walk still alive after more than n_nodes steps must have entered a cycle)."""
+    nxt = np.where(pred >= 0, src[np.maximum(pred, 0)], -1)
+    cur = nodes.copy()
+    steps = 1
+    jump = nxt.copy()
+    while steps <= n_nodes:
+        alive = cur >= 0
+        cur[alive] = jump[cur[alive]]
+        ok = jump >= 0
+        jump = np.where(ok, jump[np.maximum(jump, 0)], -1)
+        steps *= 2
+    alive = np.flatnonzero(cur >= 0)
+    return int(cur[alive[0]]) if alive.size else None
+
+
+def _cycle_from(pred: np.ndarray, src: np.ndarray, node: int, n_nodes: int) -> np.ndarray:
     cycle, start = [], node
     while True:
         edge = pred[node]
@@ -172,7 +193,7 @@ def _potentials(n_nodes: int, src: np.ndarray, dst: np.ndarray, w: np.ndarray, i
         node = src[edge]
         if node == start or len(cycle) > n_nodes:
             break
-    return None, np.array(cycle[::-1], dtype=np.int64)
+    return np.array(cycle[::-1], dtype=np.int64)
 
 
 def _cell_violations(places: Places, counts: np.ndarray, p: np.ndarray, q: np.ndarray, tol: float) -> np.ndarray:
@@ -337,10 +358,14 @@ def exact_finish(persons: Persons, state: AuctionState, reducer: Reducer,
         waiting = np.flatnonzero(assign < 0)
         n_wait = int(reducer.allreduce_sum(np.array([waiting.size], dtype=np.int64))[0])
         limit = arc_delta
+        drop = 0.0
+        rebuild = False
         while n_wait:
-            near = np.flatnonzero((assign >= 0) & (bound < limit))
-            if limit != arc_delta:
-                ex.rebuild(near, assign, column, p, limit, None)
+            if rebuild:  # price drops may have eroded edges left out of the graph: build it afresh
+                assigned_rows = np.flatnonzero(assign >= 0)
+                bound[assigned_rows] = _scan(persons, assigned_rows, assign, column, p)[0]
+                ex.rebuild(np.flatnonzero((assign >= 0) & (bound < limit)), assign, column, p, limit, None)
+                drop, rebuild = 0.0, False
             y, v = persons.options(waiting, p) if waiting.size else (np.zeros((0, 1)), np.zeros((0, 1)))
             cl = persons.clusters(waiting) if waiting.size else np.zeros((0, 1), dtype=np.int64)
             rc = v.max(axis=1, keepdims=True) - v if waiting.size else v
@@ -369,11 +394,14 @@ def exact_finish(persons: Persons, state: AuctionState, reducer: Reducer,
             if found_i.size == 0:
                 if np.isfinite(limit):
                     limit = limit * opts.growth if limit * opts.growth < 1e6 * scale else np.inf
+                    rebuild = True
                     continue
                 raise InfeasibleError(
                     f"no assignment over the candidate clusters meets the fairness targets: {n_wait} samples "
                     f"have no augmenting path to a free place (max-flow certificate); increase top_m or eps")
             who, nodes = int(found_i[0]), found_i[1:]
+            drop += float(np.max(np.concatenate([p, q]) - new_pq, initial=0.0, where=np.isfinite(new_pq)))
+            rebuild = drop > limit / 2
             p, q = new_pq[:size], new_pq[size:]
             # exchange edges along the path: consecutive cell nodes (cluster nodes are count edges)
             hops = [(int(nodes[i]), int(nodes[i + 1])) for i in range(len(nodes) - 1)

@@ -144,7 +144,9 @@ class IndexShardActor:
         return np.where(ids >= 0, ids + self.start, -1), sims
 
     def stats(self) -> dict[str, Any]:
-        """Rows, timings, builds, blocks searched, lives, node and peak resident memory (MiB)."""
+        """Rows, timings, builds, blocks searched, lives, node, peak resident memory (MiB) and CPU
+        seconds of this actor's process (this life)."""
         import resource
 
-        return {**self._stats, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {**self._stats, "peak_rss_mib": usage.ru_maxrss / 1024.0, "cpu_s": usage.ru_utime + usage.ru_stime}

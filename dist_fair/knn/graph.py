@@ -313,6 +313,8 @@ def build_knn_graph(shard_dir: str | Path, out_dir: str | Path, config: KNNConfi
     from dist_fair.ray_runtime import init_ray
 
     t_total = time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    driver_cpu0 = usage.ru_utime + usage.ru_stime
     config = config or KNNConfig()
     shard_dir, out_dir = Path(shard_dir).resolve(), Path(out_dir)
     manifest = read_manifest(shard_dir)
@@ -417,6 +419,7 @@ def build_knn_graph(shard_dir: str | Path, out_dir: str | Path, config: KNNConfi
         actor_stats = _ray_get([a.stats.remote() for a in actors], "the statistics")
         timings["actor_search_s"] = max(float(s.get("search_s", 0.0)) for s in actor_stats)
         timings["total_s"] = time.perf_counter() - t_total
+        driver = resource.getrusage(resource.RUSAGE_SELF)
         info = {
             "format": FORMAT, "shard_dir": str(shard_dir), "num_samples": n, "dim": dim, "k": k,
             "index": config.index, "index_requested": requested, "workers": len(actors), "params": params,
@@ -428,8 +431,9 @@ def build_knn_graph(shard_dir: str | Path, out_dir: str | Path, config: KNNConfi
                         "lives": s.get("lives"), "builds": s.get("builds"), "blocks": s.get("blocks"),
                         "load_s": s.get("load_s"), "train_s": s.get("train_s"), "add_s": s.get("add_s"),
                         "search_s": s.get("search_s"), "peak_rss_mib": round(s.get("peak_rss_mib", 0.0), 1),
-                        "index": s.get("index")} for s in actor_stats],
-            "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+                        "cpu_s": round(s.get("cpu_s", 0.0), 2), "index": s.get("index")} for s in actor_stats],
+            "driver_peak_rss_mib": round(driver.ru_maxrss / 1024.0, 1),
+            "driver_cpu_s": round(driver.ru_utime + driver.ru_stime - driver_cpu0, 2),
             "num_nodes": len({s.get("node_id") for s in actor_stats}),
             "actor_options": {k_: v for k_, v in options.items()},
             "timings": {k_: round(v, 4) for k_, v in timings.items()},
