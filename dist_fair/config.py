@@ -257,14 +257,19 @@ class TrainConfig:
 
 @dataclass
 class FairConfig:
-    """Global fair assignment (METHODS.md §6)."""
+    """Global fair assignment (METHODS.md §6; ``dist_fair.fair.fair_assign``). ``method``: auto (=
+    auction: scalable, exact, certified by a duality gap) | exact (network simplex, dense) | lp
+    (HiGHS); ``top_m``: candidate clusters per sample (null = all); ``rho``: target proportions
+    (null = population); ``workers``: Ray actors when the assignment runs on its own (1 = in process)."""
 
     eps: float = 0.0
     method: str = "auto"
     top_m: int | None = None
     rho: list[float] | None = None
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        _require(self.workers >= 1, "fair.workers", "must be >= 1 (1 = solve in the calling process)")
         _require(self.eps >= 0, "fair.eps", "must be >= 0 (0 = exact proportions)")
         _choice(self.method, ["auto", "exact", "auction", "lp"], "fair.method")
         _require(self.top_m is None or self.top_m >= 1, "fair.top_m", "must be >= 1 or null (all clusters)")

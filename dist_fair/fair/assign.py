@@ -33,7 +33,7 @@ import numpy as np
 
 from dist_fair.errors import DataError, DistFairError, InfeasibleError
 from dist_fair.fair.auction import AuctionOptions, Persons, Shard, make_places, run_auction
-from dist_fair.fair.candidates import BLOCK_ROWS, Candidates, dense_candidates, top_m_candidates
+from dist_fair.fair.candidates import Candidates, dense_candidates, top_m_candidates
 from dist_fair.fair.finish import FinishOptions, exact_finish
 from dist_fair.fair.reducer import LocalReducer, Reducer, agree_on_error, allreduce_max, broadcast
 from dist_fair.fair.targets import FairTargets, check_groups, compute_targets

@@ -22,10 +22,12 @@ sample within eps of its best value (eps-complementary slackness):
    holders that might violate eps-CS for the new eps are re-checked and unassigned if they do.
 
 All bidders of a round are handled at once (vectorised NumPy); bookkeeping per round is
-O(bidders + cells), not O(N). A phase ends once at most ``stop_fraction`` of the samples is
-unassigned: the long tail of a Jacobi auction moves a handful of samples per round and is left to
-the exact finish (:mod:`dist_fair.fair.finish`), which also makes the result exactly optimal - the
-auction only has to deliver good prices and a nearly complete assignment.
+O(bidders + cells), not O(N). A phase ends when every sample is placed or after ``max_rounds``
+rounds (the last one already when at most ``stop_fraction`` is unassigned): the long tail of a
+Jacobi auction moves a handful of samples per round and is left to the exact finish
+(:mod:`dist_fair.fair.finish`), which places them along shortest augmenting paths and makes the
+result exactly optimal - the auction only has to deliver good prices and a nearly complete
+assignment.
 
 Distributed (SPMD through a :class:`~dist_fair.fair.reducer.Reducer`): every worker holds its own
 samples; per round the workers sum per-cell bid counts (O(T K) integers) and, for cells or pools
@@ -60,8 +62,9 @@ class AuctionOptions:
         eps_start: first eps as a fraction of the value range ``max y``.
         eps_factor: eps shrinks by this factor per phase.
         eps_end: last eps as a fraction of the value range.
-        stop_fraction: a phase ends when at most this fraction of the persons is unassigned.
-        max_rounds: rounds per phase at most.
+        stop_fraction: the last phase ends when at most this fraction of the samples is unassigned
+            (earlier phases run until every sample is placed); the exact finish places the rest.
+        max_rounds: rounds per phase at most (a phase's long tail is left to the exact finish).
     """
 
     eps_start: float = 1.0 / 8.0
@@ -226,11 +229,25 @@ class _Book:
     def lowest(self, places: np.ndarray, counts: np.ndarray):
         """Candidates for the lowest ``counts`` holders of each place: (place, bid, id, src) with
         src >= 0 a sorted-part index and src < 0 an unsorted-part index ``-src - 1``."""
-        take = np.minimum(counts, self.end[places] - self.head[places])
+        live = self.end[places] - self.head[places]
+        take = np.minimum(counts, live)
         idx = _ranges(self.head[places], take)
-        wanted = np.zeros(self.n_places, dtype=bool)
-        wanted[places] = True
-        didx = np.flatnonzero(wanted[self.d_place]) if self.d_place.size else np.zeros(0, dtype=np.int64)
+        didx = np.zeros(0, dtype=np.int64)
+        if self.d_place.size:
+            # an unsorted holder can only be among the lowest `counts` of its place if it lies below
+            # the counts-th lowest sorted one (all of them when the sorted part has fewer; none when
+            # counts == 0): the result stays a superset of the lowest `counts` at O(d) cost, without
+            # sorting the whole unsorted part every round.
+            bound_bid = np.full(self.n_places, -np.inf)
+            bound_gid = np.full(self.n_places, np.iinfo(np.int64).max)
+            short = counts > live
+            bound_bid[places[short]] = np.inf
+            bound_gid[places[short]] = -1
+            enough = ~short & (counts > 0)
+            at = self.head[places[enough]] + counts[enough] - 1
+            bound_bid[places[enough]] = self.bid[at]
+            bound_gid[places[enough]] = self.gid[at]
+            didx = np.flatnonzero(key_less(self.d_bid, self.d_gid, bound_bid[self.d_place], bound_gid[self.d_place]))
         return (np.concatenate([self.place[idx], self.d_place[didx]]),
                 np.concatenate([self.bid[idx], self.d_bid[didx]]),
                 np.concatenate([self.gid[idx], self.d_gid[didx]]),

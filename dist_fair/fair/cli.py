@@ -30,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="auto", choices=["auto", "auction", "exact", "lp"],
                         help="solver: auction (scalable, certified), exact (network simplex), lp (HiGHS)")
     parser.add_argument("--top-m", type=int, default=None, help="candidate clusters per sample (default: all)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Ray actors sharing the samples (scalable solver only; 1 = solve in this process). "
+                             "Only O(T K) numbers per round cross the network; the labels equal the 1-worker ones")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join with --workers > 1 (default: RAY_ADDRESS, else a local instance)")
     parser.add_argument("--report", default=None, help="report path (default: <out stem>.report.json)")
 
 
@@ -71,7 +76,19 @@ def main(args: argparse.Namespace) -> int:
             raise DataError(f"--rho: expected comma-separated numbers, got {args.rho!r}") from err
     out = Path(args.out)
     report_path = Path(args.report) if args.report else out.with_name(out.stem + ".report.json")
-    result = fair_assign(probs, groups, rho=rho, eps=args.eps, method=args.method, top_m=args.top_m)
+    if args.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1:
+        if args.method not in ("auto", "auction"):
+            raise DataError(f"--workers {args.workers} runs the scalable solver; --method {args.method} solves in "
+                            f"one process (use --method auto, or --workers 1)")
+        from dist_fair.fair.distributed import fair_assign_ray
+        from dist_fair.ray_runtime import init_ray
+
+        init_ray(args.address)
+        result = fair_assign_ray(probs, groups, rho=rho, eps=args.eps, top_m=args.top_m, num_workers=args.workers)
+    else:
+        result = fair_assign(probs, groups, rho=rho, eps=args.eps, method=args.method, top_m=args.top_m)
     atomic_save_npy(out, result.labels.astype(np.int64))
     report = result.report.to_dict()
     report.update({"probs": str(args.probs), "groups": str(args.groups), "labels": str(out)})

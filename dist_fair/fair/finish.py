@@ -17,7 +17,8 @@ cycle, and prices with non-negative reduced weights on every edge are an optimal
    (vectorised Bellman-Ford). A negative cycle means the assignment can be improved: the
    cheapest sample behind every exchange edge of the cycle moves along it, and the repair repeats.
 2. Augmentation: each sample left unassigned by the auction is placed along a shortest path
-   (Dijkstra, non-negative reduced weights) from its candidate cells to a cluster with a free place,
+   (Dijkstra, non-negative reduced weights) from its candidate cells to a cell below its lower
+   bound or a cluster with a free place (after its cells' deficits),
    moving one sample per exchange edge on the path; prices drop by the distances (the Hungarian
    update), which keeps every edge non-negative. No path at all proves the targets cannot be met
    with these candidates (max-flow/min-cut), which is reported.
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dist_fair.errors import DistFairError, InfeasibleError
-from dist_fair.fair.auction import AuctionState, Persons, Places, key_less, select_kth
+from dist_fair.fair.auction import AuctionState, Persons, Places, select_kth
 from dist_fair.fair.candidates import BLOCK_ROWS
 from dist_fair.fair.reducer import Reducer, allgather_concat, allreduce_max, broadcast
 
@@ -294,12 +295,14 @@ def _shortest_path(places: Places, ex: _Exchange, p: np.ndarray, q: np.ndarray, 
     ok = np.isfinite(w)
     graph = sp.csr_matrix((w[ok] + 1e-300, (src[ok], dst[ok])), shape=(n_nodes, n_nodes))
     dist, pred = dijkstra(graph, indices=source, return_predecessors=True, limit=limit)
-    n_cluster = counts.reshape(places.n_groups, k).sum(axis=0)
-    open_clusters = np.flatnonzero(n_cluster < places.cluster_sizes)
-    reach = dist[size + open_clusters]
+    # sinks: cells below their lower bound, and clusters with a place left once those are filled
+    deficit = np.maximum(places.lower - counts, 0).reshape(places.n_groups, k).sum(axis=0)
+    spare = places.cluster_sizes - counts.reshape(places.n_groups, k).sum(axis=0) - deficit
+    sinks = np.concatenate([np.flatnonzero(counts < places.lower), size + np.flatnonzero(spare > 0)])
+    reach = dist[sinks]
     if not np.isfinite(reach).any():
         return None
-    target = size + open_clusters[int(np.argmin(reach))]
+    target = int(sinks[int(np.argmin(reach))])
     path = [target]
     while path[-1] != source:
         path.append(int(pred[path[-1]]))

@@ -88,6 +88,8 @@ def check_groups(groups: np.ndarray, num_samples: int, n_groups: int | None) -> 
     elif groups.dtype.kind not in "iub":
         raise DataError(f"groups: expected integer group ids 0..T-1, got dtype {groups.dtype}")
     groups = groups.astype(np.int64)
+    if groups.size == 0:  # a worker without samples
+        return groups, int(n_groups or 0)
     if groups.min() < 0:
         bad = int(np.flatnonzero(groups < 0)[0])
         raise DataError(f"groups: sample {bad} has group {int(groups[bad])} (unknown); every sample needs a "
