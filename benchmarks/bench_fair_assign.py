@@ -5,7 +5,8 @@ Instances (eps = 0, population proportions, T = 4 groups, argmax clusters domina
   N = 20K and 100K with K = 10 (dense), 1M with K = 100 (dense), 1M with K = 10,000 and top_m = 32
   (sparse candidates generated directly; an N x K matrix would need 40 GB).
 Every (instance, method) runs in its own subprocess so that peak memory is measured per run
-(``/usr/bin/time``-style max RSS of that process, data included). HiGHS is skipped where its
+(``/usr/bin/time``-style max RSS of that process, data included; not measured for the Ray row, whose
+actors are other processes; its time excludes Ray's start). HiGHS is skipped where its
 N*m-variable LP does not fit (1M rows); network simplex is skipped where its dense N x K cost matrix
 does not (K = 10,000). Objectives are compared with the best one of the same instance.
 
@@ -35,14 +36,15 @@ from common import RESULTS, machine_info, print_table, write_results  # noqa: E4
 CASES = {
     "20K x 10": dict(n=20_000, k=10, t=4, top_m=None, methods=["lp", "exact", "auction"]),
     "100K x 10": dict(n=100_000, k=10, t=4, top_m=None, methods=["lp", "exact", "auction"]),
-    "1M x 100": dict(n=1_000_000, k=100, t=4, top_m=None, methods=["exact", "auction"]),
+    "1M x 100": dict(n=1_000_000, k=100, t=4, top_m=None, methods=["exact", "auction", "ray2"]),
     "1M x 10K top-32": dict(n=1_000_000, k=10_000, t=4, top_m=32, methods=["auction"]),
 }
 QUICK = {
     "20K x 10": dict(n=20_000, k=10, t=4, top_m=None, methods=["lp", "exact", "auction"]),
     "100K x 100 top-8": dict(n=100_000, k=100, t=4, top_m=8, methods=["auction"]),
 }
-NAMES = {"lp": "HiGHS LP", "exact": "network simplex (ot.emd)", "auction": "scalable (auction + exact finish)"}
+NAMES = {"lp": "HiGHS LP", "exact": "network simplex (ot.emd)", "auction": "scalable (auction + exact finish)",
+         "ray2": "scalable, 2 Ray actors"}
 
 
 def dense_instance(n: int, k: int, t: int, seed: int = 0):
@@ -99,15 +101,26 @@ def run_one(case: str, method: str, out: str) -> None:
         probs, groups = dense_instance(spec["n"], spec["k"], spec["t"])
         top_m = spec["top_m"]
     data_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if method == "ray2":  # Ray started before the clock; the actors receive their shares inside it
+        from dist_fair.fair import fair_assign_ray
+        from dist_fair.ray_runtime import init_ray
+
+        init_ray(num_cpus=2)
     start = time.perf_counter()
-    result = fair_assign(probs, groups, method=method, top_m=top_m)
+    cpu = time.process_time()
+    if method == "ray2":
+        result = fair_assign_ray(probs, groups, top_m=top_m, num_workers=2)
+    else:
+        result = fair_assign(probs, groups, method=method, top_m=top_m)
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     r = result.report
     Path(out).write_text(json.dumps({
-        "seconds": seconds, "objective": r.objective, "gap": r.gap, "certified": r.certified,
+        "seconds": seconds, "cpu_s": None if method == "ray2" else cpu, "objective": r.objective, "gap": r.gap, "certified": r.certified,
         "samples_changed": r.samples_changed, "balance_before": r.balance_before, "balance_after": r.balance_after,
         "rounds": r.rounds, "augmented": r.augmented, "finish_seconds": r.finish_seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "data_rss_mib": data_mib}))
+        "peak_rss_mib": None if method == "ray2" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "data_rss_mib": data_mib, "workers": r.workers}))
 
 
 def measure(case: str, method: str, timeout: float) -> dict:
@@ -115,6 +128,7 @@ def measure(case: str, method: str, timeout: float) -> dict:
         out = tmp.name
     cmd = [sys.executable, __file__, "--one", case, method, out]
     start = time.perf_counter()
+    load = os.getloadavg()[0]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -131,6 +145,7 @@ def measure(case: str, method: str, timeout: float) -> dict:
     os.unlink(out)
     row["status"] = "ok"
     row["process_s"] = wall
+    row["load_1min"] = load
     return row
 
 
@@ -184,6 +199,7 @@ def main() -> None:
         for method, m in measured.items():
             row = {"case": case, "N": spec["n"], "K": spec["k"], "T": spec["t"], "top_m": spec["top_m"],
                    "method": NAMES[method], "status": m["status"], "seconds": m.get("seconds"),
+                   "cpu_s": m.get("cpu_s"), "load_1min": m.get("load_1min"),
                    "peak_rss_mib": m.get("peak_rss_mib"), "data_rss_mib": m.get("data_rss_mib"),
                    "objective": m.get("objective"),
                    "rel_diff_vs_best": None if best is None or "objective" not in m else
