@@ -26,6 +26,7 @@ setup(
         "numpy",
         "scipy",
         "scikit-learn",
+        "threadpoolctl",
         "pyyaml",
         "tqdm",
         "matplotlib",

@@ -79,7 +79,9 @@ class KNNConfig:
     index actors, one contiguous id range each; ``nlist``/``train_size`` apply per index shard
     (null = ~4*sqrt(rows) lists, 40*nlist training rows); ``recall_sample`` random queries are
     checked against exact search; ``cpus_per_worker`` null = the cluster's CPUs / workers;
-    ``placement`` spread (actors on different nodes) or pack; ``max_restarts`` per failed actor."""
+    ``placement`` spread (actors on different nodes) or pack; ``max_restarts`` per failed actor;
+    ``ivf_search``: lists (CPU ivf searched list by list with matrix products, same candidates as
+    faiss; ``dist_fair/knn/ivf_lists.py``) or faiss (faiss' own IndexIVFFlat search)."""
 
     k: int = 80
     index: str = "auto"
@@ -99,8 +101,10 @@ class KNNConfig:
     placement: str = "spread"
     max_restarts: int = 3
     seed: int = 0
+    ivf_search: str = "lists"
 
     def __post_init__(self) -> None:
+        _choice(self.ivf_search, ["lists", "faiss"], "knn.ivf_search")
         _require(self.k >= 2, "knn.k", "must be >= 2 (the sample itself is neighbour 0)")
         _choice(self.index, ["auto", "flat", "ivf", "hnsw", "ivfpq"], "knn.index")
         _require(self.workers >= 1, "knn.workers", "must be >= 1")

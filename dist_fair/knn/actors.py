@@ -103,8 +103,10 @@ class IndexShardActor:
     def _ensure_built(self) -> ShardIndex:
         if self._shard is None:
             import faiss
+            from threadpoolctl import threadpool_limits
 
             faiss.omp_set_num_threads(self.threads)
+            threadpool_limits(limits=self.threads, user_api="blas")  # numpy's BLAS (ivf list search)
             t0 = time.perf_counter()
             vectors = load_rows(self.shard_dir, self.start, self.stop)
             load_s = time.perf_counter() - t0

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query-block", type=int, default=d.query_block, help="queries per block")
     parser.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists per shard (default ~4*sqrt(rows))")
     parser.add_argument("--nprobe", type=int, default=d.nprobe, help="IVF lists visited per query")
+    parser.add_argument("--ivf-search", choices=["lists", "faiss"], default=d.ivf_search,
+                        help="CPU ivf: lists = list by list with matrix products over each query block "
+                             "(same candidates as faiss, several times faster); faiss = IndexIVFFlat.search")
     parser.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help="HNSW links per node")
     parser.add_argument("--ef-construction", type=int, default=d.ef_construction, help="HNSW build beam width")
     parser.add_argument("--ef-search", type=int, default=d.ef_search, help="HNSW search beam width")
@@ -65,7 +68,7 @@ def config_from_args(args: argparse.Namespace):  # -> KNNConfig
                      nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
                      ef_search=args.ef_search, pq_m=args.pq_m, rerank=args.rerank, recall_sample=args.recall_sample,
                      gpu=args.gpu, train_size=args.train_size, cpus_per_worker=args.cpus_per_worker,
-                     max_restarts=args.max_restarts, seed=args.seed)
+                     max_restarts=args.max_restarts, seed=args.seed, ivf_search=args.ivf_search)
 
 
 def main(args: argparse.Namespace) -> int:

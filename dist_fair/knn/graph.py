@@ -133,6 +133,8 @@ def graph_params(config: KNNConfig, manifest: Any) -> dict[str, Any]:
         params.update(workers=config.workers, seed=config.seed, gpu=config.gpu)
     if config.index in ("ivf", "ivfpq"):
         params.update(nlist=config.nlist, nprobe=config.nprobe, train_size=config.train_size)
+    if config.index == "ivf":
+        params.update(ivf_search=config.ivf_search)
     if config.index == "ivfpq":
         params.update(pq_m=config.pq_m, rerank=config.rerank)
     if config.index == "hnsw":

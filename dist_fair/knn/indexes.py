@@ -7,7 +7,10 @@ small sets, ``N^2 d <= 2e12``, and ``hnsw`` beyond; see :func:`resolve_kind`):
 - ``flat``: ``IndexFlatIP``, exhaustive and exact (the reference; see :mod:`dist_fair.knn.search`
   for how its candidates are made exactly reproducible).
 - ``ivf``: ``IndexIVFFlat`` - k-means coarse quantizer with ``nlist`` lists, ``nprobe`` lists
-  visited per query, full vectors stored (scores exact for the candidates it visits).
+  visited per query, full vectors stored (scores exact for the candidates it visits). On the CPU
+  with ``ivf_search="lists"`` (default) the trained quantizer is kept and the vectors are laid out
+  list by list (:mod:`dist_fair.knn.ivf_lists`): same candidates as faiss' search, searched with
+  one matrix product per list and query block instead of one list scan per query.
 - ``hnsw``: ``IndexHNSWFlat`` - graph with ``M`` links per node, ``efConstruction`` /
   ``efSearch`` beam widths (``efSearch`` is raised to the number of neighbours fetched if lower).
 - ``ivfpq``: ``IndexIVFPQ`` (``pq_m`` sub-quantizers of ``nbits`` bits) wrapped in
@@ -36,6 +39,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from dist_fair.errors import ConfigError, DataError
+from dist_fair.knn.ivf_lists import ListLayout, build_list_layout, search_lists
 
 LOG = logging.getLogger(__name__)
 
@@ -63,19 +67,23 @@ class IndexSpec:
     train_size: int | None = None
     seed: int = 0
     gpu: str = "no"
+    ivf_search: str = "lists"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"config field 'knn.index': got {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.gpu not in ("auto", "yes", "no"):
             raise ConfigError(f"config field 'knn.gpu': got {self.gpu!r}; choose auto, yes or no")
+        if self.ivf_search not in ("lists", "faiss"):
+            raise ConfigError(f"config field 'knn.ivf_search': got {self.ivf_search!r}; choose lists or faiss")
 
     @classmethod
     def from_config(cls, config: Any) -> "IndexSpec":
         """The spec of a :class:`dist_fair.config.KNNConfig`."""
         return cls(kind=config.index, nlist=config.nlist, nprobe=config.nprobe, hnsw_m=config.hnsw_m,
                    ef_construction=config.ef_construction, ef_search=config.ef_search, pq_m=config.pq_m,
-                   rerank=config.rerank, train_size=config.train_size, seed=config.seed, gpu=config.gpu)
+                   rerank=config.rerank, train_size=config.train_size, seed=config.seed, gpu=config.gpu,
+                   ivf_search=getattr(config, "ivf_search", "lists"))
 
 
 def resolve_kind(kind: str, num_samples: int, dim: int) -> str:
@@ -176,6 +184,8 @@ class ShardIndex:
         flat = np.asarray(local_ids, dtype=np.int64).ravel()
         if self.vectors is not None:
             out = self.vectors[flat]
+        elif isinstance(self.index, ListLayout):
+            out = self.index.gather(flat)
         else:
             out = self.index.reconstruct_batch(flat) if flat.size else np.zeros((0, self.dim), np.float32)
         return out.reshape(tuple(np.shape(local_ids)) + (self.dim,))
@@ -247,6 +257,13 @@ def build_shard_index(spec: IndexSpec, vectors: np.ndarray, rank: int = 0) -> Sh
         index.train(_training_rows(vectors, params["train_size"], spec.seed + rank))
         timings["train"] = time.perf_counter() - t0
         ivf.nprobe = params["nprobe"]  # set before a GPU copy, which keeps it
+    if kind == "ivf" and not on_gpu and spec.ivf_search == "lists":
+        t0 = time.perf_counter()
+        layout = build_list_layout(index.quantizer, vectors)
+        timings["add"] = time.perf_counter() - t0
+        params["ivf_search"] = "lists"
+        LOG.debug("built ivf (list layout) shard index over %d x %d (%s)", n, dim, params)
+        return ShardIndex(kind=kind, index=layout, n=n, dim=dim, params=params, vectors=None, timings=timings)
     resources = None
     if on_gpu:
         resources = faiss.StandardGpuResources()
@@ -279,6 +296,8 @@ def build_shard_index(spec: IndexSpec, vectors: np.ndarray, rank: int = 0) -> Sh
 def search_index(shard: ShardIndex, queries: np.ndarray, kf: int) -> tuple[np.ndarray, np.ndarray]:
     """Raw faiss search: ``(sims float32 (nq, kf), local ids int64 (nq, kf))``, ``-1`` where the
     index found fewer than ``kf`` vectors."""
+    if isinstance(shard.index, ListLayout):
+        return search_lists(shard.index, queries, int(kf), int(shard.params["nprobe"]))
     if shard.kind == "hnsw" and shard.index.hnsw.efSearch < kf:
         shard.index.hnsw.efSearch = int(kf)
     sims, ids = shard.index.search(np.ascontiguousarray(queries, dtype=np.float32), int(kf))
