@@ -60,7 +60,8 @@ def run_threads(world_size: int, fn):
     return out
 
 
-def test_radix_selection_equals_sorting():
+@pytest.mark.parametrize("gather_limit", [0, 10**9])  # radix selection / one allgather
+def test_distributed_selection_equals_sorting(gather_limit):
     rng = np.random.default_rng(0)
     n, nseg = 3000, 7
     pos = rng.integers(0, nseg, n)
@@ -71,14 +72,18 @@ def test_radix_selection_equals_sorting():
     k = np.array([rng.integers(0, c + 2) for c in counts])  # includes k >= count (-> +inf)
     want = select_kth(pos, bid, gid, k, LocalReducer())
     split = np.array_split(np.arange(n), 3)
-    got = run_threads(3, lambda r, red: select_kth(pos[split[r]], bid[split[r]], gid[split[r]], k, red))
+    got = run_threads(3, lambda r, red: select_kth(pos[split[r]], bid[split[r]], gid[split[r]], k, red,
+                                                    gather_limit=gather_limit))
     for b, g in got:
         assert np.array_equal(b, want[0]) and np.array_equal(g, want[1])
 
 
-@pytest.mark.parametrize("eps, top_m, ties", [(0.0, None, True), (0.15, None, False), (0.0, 4, False),
-                                              (0.2, None, True)])
-def test_three_thread_workers_equal_one_process(eps, top_m, ties):
+@pytest.mark.parametrize("eps, top_m, ties, radix", [(0.0, None, True, False), (0.15, None, False, False),
+                                                     (0.0, 4, False, False), (0.2, None, True, False),
+                                                     (0.0, None, True, True), (0.15, None, False, True)])
+def test_three_thread_workers_equal_one_process(eps, top_m, ties, radix, monkeypatch):
+    if radix:  # every distributed selection by radix steps instead of one allgather
+        monkeypatch.setattr("dist_fair.fair.auction.GATHER_LIMIT", 0)
     probs, groups = instance(300, 8, 3, seed=17, ties=ties)
     single = fair_assign(probs, groups, eps=eps, top_m=top_m)
     cands = top_m_candidates(probs, top_m) if top_m else Candidates(probs, None, 8)
