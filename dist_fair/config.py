@@ -81,7 +81,9 @@ class KNNConfig:
     checked against exact search; ``cpus_per_worker`` null = the cluster's CPUs / workers;
     ``placement`` spread (actors on different nodes) or pack; ``max_restarts`` per failed actor;
     ``ivf_search``: lists (CPU ivf searched list by list with matrix products, same candidates as
-    faiss; ``dist_fair/knn/ivf_lists.py``) or faiss (faiss' own IndexIVFFlat search)."""
+    faiss; ``dist_fair/knn/ivf_lists.py``) or faiss (faiss' own IndexIVFFlat search); ``symmetrize``:
+    approximate graphs also offer i to j when j is among i's neighbours (``dist_fair/knn/symmetrize.py``;
+    no new distances, recall can only rise)."""
 
     k: int = 80
     index: str = "auto"
@@ -102,6 +104,7 @@ class KNNConfig:
     max_restarts: int = 3
     seed: int = 0
     ivf_search: str = "lists"
+    symmetrize: bool = True
 
     def __post_init__(self) -> None:
         _choice(self.ivf_search, ["lists", "faiss"], "knn.ivf_search")

@@ -92,6 +92,22 @@ def test_approximate_graph_reports_its_recall(ray_cluster, data, tmp_path, kind,
     assert result.same_identity_recall == pytest.approx(found / len(same))
 
 
+def test_reverse_edge_refinement_only_raises_recall(ray_cluster, data, tmp_path):
+    folder, x, _ = data
+    plain = build_knn_graph(folder, tmp_path / "plain", config(index="ivf", workers=2, nprobe=1, symmetrize=False),
+                            progress=False)
+    refined = build_knn_graph(folder, tmp_path / "sym", config(index="ivf", workers=2, nprobe=1), progress=False)
+    ref_nbrs, _ = brute_force_graph(x, K)
+    recall = [np.mean([len(set(g[i]) & set(ref_nbrs[i])) / K for i in range(N)])
+              for g in (plain.load()[0], refined.load()[0])]
+    assert recall[1] > recall[0]
+    assert refined.recall_at_k >= plain.recall_at_k
+    assert refined.info["params"]["symmetrize"] is True and "symmetrize_s" in refined.info["timings"]
+    nbrs, sims = refined.load()
+    assert (nbrs[:, 0] == np.arange(N)).all() and np.all(np.diff(sims[:, 1:], axis=1) <= 0)
+    assert not list((tmp_path / "sym").glob(".*"))  # no partial files left
+
+
 def test_failed_actor_is_restarted_and_its_blocks_redone(ray_cluster, data, tmp_path):
     folder, x, _ = data
     marker = tmp_path / "actor0-died"

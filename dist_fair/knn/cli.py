@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ivf-search", choices=["lists", "faiss"], default=d.ivf_search,
                         help="CPU ivf: lists = list by list with matrix products over each query block "
                              "(same candidates as faiss, several times faster); faiss = IndexIVFFlat.search")
+    parser.add_argument("--no-symmetrize", action="store_true",
+                        help="approximate indexes: skip the reverse-edge refinement (offering i to j when j is "
+                             "among i's neighbours: no new distances, recall can only rise)")
     parser.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help="HNSW links per node")
     parser.add_argument("--ef-construction", type=int, default=d.ef_construction, help="HNSW build beam width")
     parser.add_argument("--ef-search", type=int, default=d.ef_search, help="HNSW search beam width")
@@ -68,7 +71,8 @@ def config_from_args(args: argparse.Namespace):  # -> KNNConfig
                      nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
                      ef_search=args.ef_search, pq_m=args.pq_m, rerank=args.rerank, recall_sample=args.recall_sample,
                      gpu=args.gpu, train_size=args.train_size, cpus_per_worker=args.cpus_per_worker,
-                     max_restarts=args.max_restarts, seed=args.seed, ivf_search=args.ivf_search)
+                     max_restarts=args.max_restarts, seed=args.seed, ivf_search=args.ivf_search,
+                     symmetrize=not args.no_symmetrize)
 
 
 def main(args: argparse.Namespace) -> int:

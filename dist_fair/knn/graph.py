@@ -49,6 +49,7 @@ from dist_fair.io_atomic import atomic_write_json
 from dist_fair.knn.actors import FaultInjection, IndexShardActor
 from dist_fair.knn.indexes import IndexSpec, resolve_kind, resolve_params
 from dist_fair.knn.recall import recall_at_k, same_identity_recall, sample_query_ids
+from dist_fair.knn.symmetrize import symmetrize_graph
 from dist_fair.knn.search import DEFAULT_MARGIN, exact_similarities, merge_topk, normalize_rows
 
 LOG = logging.getLogger(__name__)
@@ -135,6 +136,8 @@ def graph_params(config: KNNConfig, manifest: Any) -> dict[str, Any]:
         params.update(nlist=config.nlist, nprobe=config.nprobe, train_size=config.train_size)
     if config.index == "ivf":
         params.update(ivf_search=config.ivf_search)
+    if config.index != "flat":
+        params.update(symmetrize=config.symmetrize)
     if config.index == "ivfpq":
         params.update(pq_m=config.pq_m, rerank=config.rerank)
     if config.index == "hnsw":
@@ -392,6 +395,20 @@ def build_knn_graph(shard_dir: str | Path, out_dir: str | Path, config: KNNConfi
         bar.close()
         timings["search_s"] = time.perf_counter() - t0
         timings["merge_s"] = merge_s
+        if config.symmetrize and config.index != "flat":
+            t = time.perf_counter()
+            nbrs.flush()
+            sims.flush()
+            sym_nbrs = np.lib.format.open_memmap(tmp_nbrs.with_suffix(".sym"), mode="w+", dtype=np.int64, shape=(n, k))
+            sym_sims = np.lib.format.open_memmap(tmp_sims.with_suffix(".sym"), mode="w+", dtype=np.float32,
+                                                 shape=(n, k))
+            changed = symmetrize_graph(nbrs, sims, sym_nbrs, sym_sims)
+            del nbrs, sims
+            os.replace(tmp_nbrs.with_suffix(".sym"), tmp_nbrs)
+            os.replace(tmp_sims.with_suffix(".sym"), tmp_sims)
+            nbrs, sims = sym_nbrs, sym_sims
+            timings["symmetrize_s"] = time.perf_counter() - t
+            LOG.info("reverse-edge refinement changed %d of %d neighbour entries", changed, n * k)
         t = time.perf_counter()
         for array, tmp, name in ((nbrs, tmp_nbrs, NBRS_NAME), (sims, tmp_sims, SIMS_NAME)):
             array.flush()
