@@ -139,8 +139,9 @@ class ClusterConfig:
     ``threshold_grid``. ``val_context``: ``isolated`` decodes the validation samples with the edges
     among themselves only; ``graph`` decodes the whole graph and scores the validation samples
     (chaining through other samples then counts as it does for the test samples; see
-    ``dist_fair/cluster/edges.py``). ``infer_*``: edge inference on Ray (tasks at once, batch,
-    anchors per task)."""
+    ``dist_fair/cluster/edges.py``). ``grid_quantiles``: the grid is extended by this many quantiles
+    of the validation edge scores (resolution where the scores are; ``dist_fair/cluster/grid.py``).
+    ``infer_*``: edge inference on Ray (tasks at once, batch, anchors per task)."""
 
     method: str = "threshold"
     threshold: float | None = None
@@ -149,6 +150,7 @@ class ClusterConfig:
     prob_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)] +
                                    [0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999])
     val_context: str = "isolated"
+    grid_quantiles: int = 64
     infer_workers: int = 2
     infer_batch: int = 256
     infer_rows_per_task: int = 8192
@@ -162,6 +164,8 @@ class ClusterConfig:
         _require(len(self.prob_grid) > 0 and all(0.0 <= p <= 1.0 for p in self.prob_grid), "cluster.prob_grid",
                  "must list at least one edge probability in [0, 1]")
         _choice(self.val_context, ["isolated", "graph"], "cluster.val_context")
+        _require(self.grid_quantiles >= 0, "cluster.grid_quantiles",
+                 "must be >= 0 (quantiles of the validation edge scores added to the grid; 0 = the grid alone)")
         _require(self.infer_workers >= 1, "cluster.infer_workers", "must be >= 1 (Ray tasks predicting edges at once)")
         _require(self.infer_batch >= 1, "cluster.infer_batch", "must be >= 1 (anchors per forward pass)")
         _require(self.infer_rows_per_task >= 1, "cluster.infer_rows_per_task", "must be >= 1 (anchors per Ray task)")

@@ -233,7 +233,7 @@ def cluster_stage(config: JobConfig, shards: StageOutcome, knn: StageOutcome, ru
             if val_mask is None:
                 val_mask = split_identities(labels.identity, cluster.val_fraction, seed=config.data.seed)
             choice = choose_decoding(nbrs, scores, labels.identity, val_mask, grid, cluster.method,
-                                     cluster.val_context, confidence)
+                                     cluster.val_context, confidence, quantiles=cluster.grid_quantiles)
             tau = choice.tau
             info.update(tau=tau, chosen_on=f"validation identities ({cluster.val_context})",
                         val_pairwise_f=choice.val_fscore, val_samples=int(val_mask.sum()), grid=choice.grid)

@@ -131,3 +131,34 @@ def test_empty_batch_gives_finite_zero_loss():
     assert torch.isfinite(loss) and float(loss.detach()) == 0.0
     loss.backward()
     assert all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("penalty", ["none", "upper_bound", "group"])
+def test_anchors_without_a_counted_token_change_nothing(penalty):
+    """An anchor of unknown identity (every token masked) has no purity: it must not pull gamma_f,
+    the FM mean or the group means down (its gamma would be 0 / eps = 0)."""
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(6, 7)) * 3
+    targets = (rng.random((6, 7)) < 0.5).astype(float)
+    targets[:, 0] = 1.0
+    mask = rng.random((6, 7)) < 0.8
+    mask[:, 0] = True
+    groups = np.array([0, 1, 2, 0, 1, 2])
+    mask[[2, 4]] = False  # two anchors with unknown identity
+    keep = mask.any(axis=1)
+    config = LossConfig(objective="fm", penalty=penalty, weight=0.9, bce_weight=0.2, num_groups=3)
+
+    def run(rows):
+        x = torch.tensor(logits[rows], requires_grad=True)
+        loss, metrics = clustering_loss(x, torch.tensor(targets[rows]), torch.tensor(mask[rows]), config,
+                                        torch.tensor(groups[rows]))
+        loss.backward()
+        return float(loss.detach()), metrics, x.grad.numpy()
+
+    full_loss, full_metrics, full_grad = run(np.arange(6))
+    kept_loss, kept_metrics, kept_grad = run(np.nonzero(keep)[0])
+    assert full_loss == pytest.approx(kept_loss, rel=1e-12)
+    assert float(full_metrics["gamma_f"]) == pytest.approx(float(kept_metrics["gamma_f"]), rel=1e-12)
+    assert np.allclose(full_grad[keep], kept_grad) and not full_grad[~keep].any()
+    if penalty == "upper_bound":  # the NumPy reference on the labelled anchors only
+        assert kept_loss == pytest.approx(_numpy_reference(logits[keep], targets[keep], mask[keep], 0.9, 0.2))

@@ -16,6 +16,11 @@ two contexts; the test labels are never read:
   validation samples only. Chaining through samples outside the validation split (one wrong edge
   merges two clusters) then affects the choice exactly as it affects the test samples, which
   are decoded in the same graph. Cost: one decode of the graph per grid value.
+
+``quantiles > 0`` extends the grid by that many quantiles of the validation rows' edge scores
+(:mod:`dist_fair.cluster.grid`; scores only, no label), so that the candidates have resolution
+where the scores are: a trained model's probabilities crowd into 0.999-0.99995, where an even
+probability grid has two or three values.
 """
 from __future__ import annotations
 
@@ -53,9 +58,11 @@ def decode_edges(nbrs: np.ndarray, scores: np.ndarray, method: str, tau: float,
 
 def choose_decoding(nbrs: np.ndarray, scores: np.ndarray, identity: np.ndarray, val_mask: np.ndarray,
                     grid: list[float], method: str = "threshold", context: str = "isolated",
-                    confidence: np.ndarray | None = None) -> ThresholdChoice:
-    """The ``tau`` of ``grid`` maximising pairwise F on the validation samples (``val_mask``), decoded
-    by ``method`` in ``context`` (see the module docstring); ties go to the smaller tau."""
+                    confidence: np.ndarray | None = None, quantiles: int = 0) -> ThresholdChoice:
+    """The ``tau`` of ``grid`` (plus ``quantiles`` quantiles of the validation edge scores) maximising
+    pairwise F on the validation samples (``val_mask``), decoded by ``method`` in ``context`` (see
+    the module docstring); ties go to the smaller tau."""
+    from dist_fair.cluster.grid import decoding_grid
     from dist_fair.cluster.peak import choose_peak_floor, neighbour_confidence
     from dist_fair.cluster.threshold import choose_threshold
     from dist_fair.eval.metrics import pairwise_fscore
@@ -65,6 +72,8 @@ def choose_decoding(nbrs: np.ndarray, scores: np.ndarray, identity: np.ndarray, 
     if method not in METHODS:
         raise DataError(f"decoding method {method!r} is unknown; choose one of {METHODS}")
     nbrs = nbrs[:, :scores.shape[1]]
+    if quantiles > 0:
+        grid = decoding_grid(grid, nbrs, scores, val_mask, quantiles)
     if method == "peak" and confidence is None:
         confidence = neighbour_confidence(nbrs, scores)
     if context == "isolated":

@@ -4,7 +4,10 @@ penalty (upper-bound form with a global ``gamma_f``, and the group-aware form) a
 Notation, per anchor i of a batch and token j of its sequence: ``p_ij`` the predicted probability
 that neighbour j has the anchor's identity, ``t_ij`` in {0, 1} the ground truth and ``m_ij`` in
 {0, 1} whether the token counts (a neighbour that exists and whose identity is known; the anchor's
-own token, ``t_i0 = 1``, counts). All sums over j run over counted tokens:
+own token, ``t_i0 = 1``, counts). All sums over j run over counted tokens, and every mean over
+anchors i (including ``gamma_f`` and the group means) runs over the anchors with at least one
+counted token: an anchor whose identity is unknown has no target, and its ``gamma_i = 0 / eps``
+would otherwise pull ``gamma_f`` (and ``mean_i FM_i``) down by the fraction of such anchors:
 
 - ``TP_i = sum_j m_ij p_ij t_ij``, ``P_i = sum_j m_ij p_ij``, ``T_i = sum_j m_ij t_ij``;
 - soft Fowlkes-Mallows: ``FM_i = TP_i / sqrt(P_i T_i + eps)``, ``L_FM = 1 - mean_i FM_i``;
@@ -190,6 +193,10 @@ def clustering_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     coll = _collective(collective)
     probs = torch.sigmoid(logits.float())
     tp, p, t = soft_counts(probs, targets, mask)
+    counted = mask.bool().any(dim=1)  # anchors with a target (see the module docstring)
+    if not bool(counted.all()):
+        tp, p, t = tp[counted], p[counted], t[counted]
+        groups = None if groups is None else groups[counted]
     fm = soft_fowlkes_mallows(tp, p, t)
     gamma = purity(tp, p)
     l_fm = 1.0 - _mean(fm) if fm.numel() else fm.sum() * 0.0
