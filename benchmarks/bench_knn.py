@@ -164,7 +164,6 @@ def run_faiss(shards: Path, out: Path, cfg: dict[str, Any], k: int, timed_querie
         np.save(out / "sample_nbrs.npy", sample_nbrs.astype(np.int64))
         times["write_s"] = 0.0
         times["graph_s"] = sum(v for key, v in times.items() if key != "search_extrapolated_from")
-        usage = resource.getrusage(resource.RUSAGE_SELF)
         return {"timings": times, "params": p, "work_cpu_s": None}
     t = time.perf_counter()
     sims, nbrs = index.search(x, k)

@@ -166,8 +166,7 @@ def select_kth(pos: np.ndarray, bid: np.ndarray, gid: np.ndarray, k: np.ndarray,
     limit = GATHER_LIMIT if gather_limit is None else gather_limit
     gathered = reducer.world_size > 1 and int(counts.sum()) <= limit
     if gathered:  # few candidates in all (the auction's long tail): one allgather, not 16 radix steps
-        parts = reducer.allgather(np.stack([pos.astype(np.float64), bid, gid.astype(np.float64)], axis=1)
-                                  if pos.size else np.zeros((0, 3)))
+        parts = reducer.allgather(np.stack([pos.astype(np.float64), bid, gid.astype(np.float64)], axis=1))
         every = np.concatenate(parts, axis=0)
         pos, bid, gid = every[:, 0].astype(np.int64), every[:, 1], every[:, 2].astype(np.int64)
     if reducer.world_size == 1 or gathered:

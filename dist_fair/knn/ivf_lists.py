@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+
+from dist_fair.knn.segments import padded_rows
 
 LOG = logging.getLogger(__name__)
 
@@ -52,15 +54,8 @@ class ListLayout:
     def nlist(self) -> int:
         return int(self.offsets.size - 1)
 
-    @property
-    def n(self) -> int:
-        return int(self.ids.size)
-
     def gather(self, local_ids: np.ndarray) -> np.ndarray:
         return self.vectors[self.position[np.asarray(local_ids, dtype=np.int64)]]
-
-    def list_sizes(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
 
 def build_list_layout(quantizer: Any, vectors: np.ndarray, block: int = 65536) -> ListLayout:
@@ -87,15 +82,26 @@ def build_list_layout(quantizer: Any, vectors: np.ndarray, block: int = 65536) -
     return ListLayout(quantizer, laid_out, order.astype(np.int64), offsets, position)
 
 
-def _pairs_by_list(probes: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(query rows sorted by probed list, list boundaries)`` for a ``(B, p)`` probe matrix."""
+def _list_products(layout: ListLayout, queries: np.ndarray, probes: np.ndarray
+                   ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """For every non-empty list probed by some query of the ``(B, p)`` matrix ``probes`` (``-1`` =
+    no list): ``(first row of the list in the layout, query rows, their probe ranks, scores
+    queries[rows] @ X_l^T)`` - one matrix product per list."""
     b, p = probes.shape
-    rows = np.repeat(np.arange(b, dtype=np.int64), p)
     lists = probes.ravel()
     valid = lists >= 0
-    rows, lists = rows[valid], lists[valid]
-    order = np.argsort(lists, kind="stable")
-    return rows[order], np.searchsorted(lists[order], np.arange(nlist + 1))
+    order = np.argsort(lists[valid], kind="stable")
+    rows_sorted = np.repeat(np.arange(b, dtype=np.int64), p)[valid][order]
+    ranks_sorted = np.tile(np.arange(p, dtype=np.int64), b)[valid][order]
+    bounds = np.searchsorted(lists[valid][order], np.arange(layout.nlist + 1))
+    offsets = layout.offsets
+    for lst in np.flatnonzero(np.diff(bounds)):
+        lo, hi = offsets[lst], offsets[lst + 1]
+        if lo == hi:
+            continue
+        sel = slice(bounds[lst], bounds[lst + 1])
+        rows = rows_sorted[sel]
+        yield int(lo), rows, ranks_sorted[sel], queries[rows] @ layout.vectors[lo:hi].T
 
 
 def _thresholds(layout: ListLayout, queries: np.ndarray, probes: np.ndarray, k: int) -> np.ndarray:
@@ -104,23 +110,11 @@ def _thresholds(layout: ListLayout, queries: np.ndarray, probes: np.ndarray, k: 
     its probed lists. Each list contributes its k best scores per query to a ``(B, p, k)`` buffer."""
     b, p = probes.shape
     buffer = np.full((b, p, k), -np.inf, dtype=np.float32)
-    flat = probes.ravel()
-    valid = flat >= 0
-    order = np.argsort(flat[valid], kind="stable")
-    rows_sorted = np.repeat(np.arange(b, dtype=np.int64), p)[valid][order]
-    rank_sorted = np.tile(np.arange(p, dtype=np.int64), b)[valid][order]
-    bounds = np.searchsorted(flat[valid][order], np.arange(layout.nlist + 1))
-    offsets = layout.offsets
-    for lst in np.flatnonzero(np.diff(bounds)):
-        lo, hi = offsets[lst], offsets[lst + 1]
-        if lo == hi:
-            continue
-        sel = slice(bounds[lst], bounds[lst + 1])
-        rows = rows_sorted[sel]
-        scores = queries[rows] @ layout.vectors[lo:hi].T
-        if hi - lo > k:
-            scores = np.partition(scores, hi - lo - k, axis=1)[:, hi - lo - k:]
-        buffer[rows, rank_sorted[sel], :scores.shape[1]] = scores
+    for _, rows, ranks, scores in _list_products(layout, queries, probes):
+        size = scores.shape[1]
+        if size > k:
+            scores = np.partition(scores, size - k, axis=1)[:, size - k:]
+        buffer[rows, ranks, :scores.shape[1]] = scores
     buffer = buffer.reshape(b, p * k)
     return np.partition(buffer, p * k - k, axis=1)[:, p * k - k]
 
@@ -129,15 +123,8 @@ def _scan(layout: ListLayout, queries: np.ndarray, probes: np.ndarray, threshold
           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every score ``s(q, x) >= threshold[q]`` of a query with a vector of its probed lists, as
     ``(row, local id, sim)`` triples."""
-    rows_sorted, bounds = _pairs_by_list(probes, layout.nlist)
     out_rows, out_ids, out_sims = [], [], []
-    offsets = layout.offsets
-    for lst in np.flatnonzero(np.diff(bounds)):
-        lo, hi = offsets[lst], offsets[lst + 1]
-        if lo == hi:
-            continue
-        rows = rows_sorted[bounds[lst]:bounds[lst + 1]]
-        scores = queries[rows] @ layout.vectors[lo:hi].T
+    for lo, rows, _, scores in _list_products(layout, queries, probes):
         r, c = np.nonzero(scores >= threshold[rows][:, None])
         out_rows.append(rows[r])
         out_ids.append(layout.ids[lo + c])
@@ -156,15 +143,7 @@ def _top_k_per_row(rows: np.ndarray, ids: np.ndarray, sims: np.ndarray, n_rows: 
     by_id = np.argsort(ids, kind="stable")
     key = rows[by_id] * 4.0 + (1.0 - sims[by_id].astype(np.float64))
     order = by_id[np.argsort(key, kind="stable")]
-    rows, ids, sims = rows[order], ids[order], sims[order]
-    starts = np.searchsorted(rows, np.arange(n_rows))
-    rank = np.arange(rows.size) - starts[rows]
-    keep = rank < k
-    out_ids = np.full((n_rows, k), -1, dtype=np.int64)
-    out_sims = np.full((n_rows, k), -np.inf, dtype=np.float32)
-    out_ids[rows[keep], rank[keep]] = ids[keep]
-    out_sims[rows[keep], rank[keep]] = sims[keep]
-    return out_ids, out_sims
+    return padded_rows(rows[order], ids[order], sims[order], n_rows, k)
 
 
 def search_lists(layout: ListLayout, queries: np.ndarray, k: int, nprobe: int,

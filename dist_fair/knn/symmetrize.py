@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dist_fair.knn.segments import padded_rows
+
 #: target rows refined at once (memory about 40 bytes x rows x k).
 BLOCK_ROWS = 131072
 #: rows of the graph scanned at once for reverse edges.
@@ -56,15 +58,7 @@ def symmetrize_block(nbrs: np.ndarray, sims: np.ndarray, start: int, stop: int
     key = np.where(ids == rows, -np.inf, -scores.astype(np.float64))
     order = np.lexsort((ids, key, rows))
     rows, ids, scores = rows[order], ids[order], scores[order]
-    local = rows - start
-    starts = np.searchsorted(local, np.arange(stop - start))
-    rank = np.arange(local.size) - starts[local]
-    keep = rank < k
-    out_ids = np.full((stop - start, k), -1, dtype=np.int64)
-    out_sims = np.full((stop - start, k), -np.inf, dtype=np.float32)
-    out_ids[local[keep], rank[keep]] = ids[keep]
-    out_sims[local[keep], rank[keep]] = scores[keep]
-    return out_ids, out_sims
+    return padded_rows(rows - start, ids, scores, stop - start, k)
 
 
 def symmetrize_graph(nbrs: np.ndarray, sims: np.ndarray, out_nbrs: np.ndarray, out_sims: np.ndarray,
