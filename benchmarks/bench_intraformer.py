@@ -442,7 +442,8 @@ def markdown(payload: dict[str, Any]) -> str:
     setup = payload["setup"]
     seeds = setup.get("seed_list", [setup.get("seed", 0)])
     races = [f"F_{r}" for r in RACES]
-    lines = [f"# bench_intraformer ({payload['machine'].get('date', '')})", "",
+    name = payload.get("benchmark", "bench_intraformer")
+    lines = [f"# {name} ({payload['machine'].get('date', '')})", "",
              f"Machine: {payload['machine'].get('cpu_model', '?')}, {payload['machine'].get('cpu_count')} cores "
              "(shared with other jobs while this ran: throughputs are noisy).", "",
              f"Per seed s in {seeds} (the seed of the synthetic data AND of training): train: skewed (Caucasian 50%), "
@@ -521,7 +522,7 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += ["Trained models reused from an earlier run with identical settings, data and seed (the engine skips "
                   "a finished run of the same configuration; their training samples/s are that run's): "
                   + ", ".join(f"{m} (seed {s})" for s, m in reused) + ".", ""]
-    lines += [VALIDATION_NOTE, "", "All rows (both grids, both decodings, every seed) are in bench_intraformer.csv.", ""]
+    lines += [VALIDATION_NOTE, "", f"All rows (both grids, both decodings, every seed) are in {name}.csv.", ""]
     return "\n".join(lines)
 
 
@@ -602,13 +603,16 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--work-dir", default=str(RESULTS / "tmp" / "intraformer"),
                         help="working folder; seed s works in <work-dir>/seed-<s>")
+    parser.add_argument("--name", default="bench_intraformer",
+                        help="results file stem in benchmarks/results (e.g. bench_intraformer_cross for a run of "
+                             "the Cross-attention options only)")
     parser.add_argument("--markdown-only", action="store_true",
-                        help="only rewrite bench_intraformer.md (and the plot) from bench_intraformer.json")
+                        help="only rewrite <name>.md (and the plot) from <name>.json")
     args = parser.parse_args()
     if args.markdown_only:
-        payload = json.loads((RESULTS / "bench_intraformer.json").read_text())
-        (RESULTS / "bench_intraformer.md").write_text(markdown(payload))
-        plot(payload.get("summary") or summarise(chosen_rows(payload["rows"])), RESULTS / "bench_intraformer.png")
+        payload = json.loads((RESULTS / f"{args.name}.json").read_text())
+        (RESULTS / f"{args.name}.md").write_text(markdown(payload))
+        plot(payload.get("summary") or summarise(chosen_rows(payload["rows"])), RESULTS / f"{args.name}.png")
         return 0
     seeds = [args.seed] if args.seed is not None else [int(s) for s in args.seeds.split(",") if s.strip()]
     args.seed = seeds[0]  # the seed of the 1M extrapolation's small synthetic set
@@ -661,7 +665,7 @@ def main() -> int:
         for stage, seconds in extrapolation["stages_s"].items():
             print(f"  {stage:<30} {seconds:10.0f} s")
         print(f"  {'total':<30} {extrapolation['total_s']:10.0f} s  ({extrapolation['total_s'] / 3600:.1f} h)")
-    write_results("bench_intraformer", rows, extra={
+    write_results(args.name, rows, extra={
         "claim": "Intraformer + purity penalty beats Clusformer and kNN on mean per-race pairwise F and has a lower "
                  "std across races than the Intraformer without penalty",
         "setup": {**vars(args), "seed_list": seeds, "train_samples": train.size, "val_samples": val.size,
@@ -669,8 +673,8 @@ def main() -> int:
         "summary": summary, "summary_coarse": summary_coarse, "verdict": verdict,
         "verdict_per_seed": verdict_per_seed, "extrapolation_1m": extrapolation,
         "wall_s": time.perf_counter() - began, "machine_note": machine_info().get("cpu_model")})
-    plot(summary, RESULTS / "bench_intraformer.png")
-    (RESULTS / "bench_intraformer.md").write_text(markdown(json.loads((RESULTS / "bench_intraformer.json").read_text())))
+    plot(summary, RESULTS / f"{args.name}.png")
+    (RESULTS / f"{args.name}.md").write_text(markdown(json.loads((RESULTS / f"{args.name}.json").read_text())))
     return 0
 
 
