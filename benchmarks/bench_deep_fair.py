@@ -188,7 +188,6 @@ def run_dataset(dataset: str, seeds: list[int], methods: list[str], cache: Path,
     if not train:
         LOG.info("%s: using the cached runs only", dataset)
     for seed in seeds:
-        fitted: dict[str, Any] = {}
         autoencoder = None
 
         def cached(method: str) -> dict[str, Any] | None:
@@ -227,40 +226,30 @@ def run_dataset(dataset: str, seeds: list[int], methods: list[str], cache: Path,
             labels = KMeans(k, n_init=10, random_state=seed).fit_predict(X_flat)
             save("kmeans", {"scores": clustering_scores(labels, groups, y, "net"), "curves": [],
                             "seconds": time.perf_counter() - start})
+        def imsat_then_dfdc(imsat_name: str, dfdc_name: str, X: Any, backbone: str) -> None:
+            """IMSAT, then DFDC from it (Algorithm 5's pre-training); ``backbone`` of both networks."""
+            nonlocal eps
+            if eps is None:
+                eps = vat_radius(dataset, data, cache, limit)
+            start = time.perf_counter()
+            weights = dict(mu=cfg.get("mu", 1.0), gamma=cfg.get("gamma", 1.0), backbone=backbone)
+            imsat = IMSAT(n_clusters=k, epochs=cfg["imsat_epochs"], lr=cfg.get("imsat_lr", cfg["lr"]), vat_eps=eps,
+                          **weights, **common).fit(X, groups, y=y)
+            if cached(imsat_name) is None:
+                save(imsat_name, {"scores": scores_of(imsat), "curves": curves_of(imsat),
+                                  "seconds": time.perf_counter() - start})
+            if dfdc_name in methods and cached(dfdc_name) is None:
+                start = time.perf_counter()
+                dfdc = DFDC(n_clusters=k, epochs=cfg["fair_epochs"], lr=cfg["lr"], beta=cfg["beta"], vat_eps=eps,
+                            init_model=imsat, **weights, **common).fit(X, groups, y=y)
+                save(dfdc_name, {"scores": scores_of(dfdc), "curves": curves_of(imsat) + curves_of(dfdc),
+                                 "seconds": time.perf_counter() - start + imsat_seconds(runs, dataset, seed,
+                                                                                        imsat_name)})
+
         if need("imsat", "dfdc"):
-            if eps is None:
-                eps = vat_radius(dataset, data, cache, limit)
-            start = time.perf_counter()
-            weights = dict(mu=cfg.get("mu", 1.0), gamma=cfg.get("gamma", 1.0))
-            imsat = IMSAT(n_clusters=k, epochs=cfg["imsat_epochs"], lr=cfg.get("imsat_lr", cfg["lr"]), vat_eps=eps,
-                          **weights, **common).fit(X_img, groups, y=y)
-            fitted["imsat"] = imsat
-            if cached("imsat") is None:
-                save("imsat", {"scores": scores_of(imsat), "curves": curves_of(imsat),
-                               "seconds": time.perf_counter() - start})
-            if "dfdc" in methods and cached("dfdc") is None:
-                start = time.perf_counter()
-                dfdc = DFDC(n_clusters=k, epochs=cfg["fair_epochs"], lr=cfg["lr"], beta=cfg["beta"], vat_eps=eps,
-                            init_model=imsat, **weights, **common).fit(X_img, groups, y=y)
-                save("dfdc", {"scores": scores_of(dfdc), "curves": curves_of(imsat) + curves_of(dfdc),
-                              "seconds": time.perf_counter() - start + imsat_seconds(runs, dataset, seed)})
+            imsat_then_dfdc("imsat", "dfdc", X_img, "auto")
         if data["images"] is not None and need("imsat_mlp", "dfdc_mlp"):  # digits: IMSAT's own MLP
-            if eps is None:
-                eps = vat_radius(dataset, data, cache, limit)
-            start = time.perf_counter()
-            weights = dict(mu=cfg.get("mu", 1.0), gamma=cfg.get("gamma", 1.0), backbone="mlp")
-            imsat = IMSAT(n_clusters=k, epochs=cfg["imsat_epochs"], lr=cfg.get("imsat_lr", cfg["lr"]), vat_eps=eps,
-                          **weights, **common).fit(X_flat, groups, y=y)
-            if cached("imsat_mlp") is None:
-                save("imsat_mlp", {"scores": scores_of(imsat), "curves": curves_of(imsat),
-                                   "seconds": time.perf_counter() - start})
-            if "dfdc_mlp" in methods and cached("dfdc_mlp") is None:
-                start = time.perf_counter()
-                dfdc = DFDC(n_clusters=k, epochs=cfg["fair_epochs"], lr=cfg["lr"], beta=cfg["beta"], vat_eps=eps,
-                            init_model=imsat, **weights, **common).fit(X_flat, groups, y=y)
-                save("dfdc_mlp", {"scores": scores_of(dfdc), "curves": curves_of(imsat) + curves_of(dfdc),
-                                  "seconds": time.perf_counter() - start + imsat_seconds(runs, dataset, seed,
-                                                                                         "imsat_mlp")})
+            imsat_then_dfdc("imsat_mlp", "dfdc_mlp", X_flat, "mlp")
         if need("dec", "fair_dec", "fairoids"):
             start = time.perf_counter()
             autoencoder = pretrain_autoencoder(X_flat, k, epochs=cfg["ae_epochs"], seed=seed)
@@ -285,7 +274,7 @@ def run_dataset(dataset: str, seeds: list[int], methods: list[str], cache: Path,
                     X_flat, groups, y=y)
                 save("fairoids", {"scores": scores_of(fairoids), "curves": autoencoder.history + curves_of(fairoids),
                                   "seconds": time.perf_counter() - start + ae_seconds})
-        del fitted, autoencoder
+        del autoencoder
     return runs
 
 
