@@ -49,9 +49,8 @@ DATA = (ROOT / ".." / "shared" / "data").resolve()
 LOG = logging.getLogger("bench_deep_fair")
 
 DATASETS = ("mnist_usps", "reverse_mnist", "adult", "bank")
+#: ``imsat_mlp`` / ``dfdc_mlp``: the digits only (IMSAT's own MLP instead of the small conv net).
 METHODS = ("kmeans", "dec", "imsat", "fair_dec", "dfdc", "fairoids", "imsat_mlp", "dfdc_mlp")
-#: Methods run on the digits only (the MLP-backbone rows).
-DIGITS_ONLY = ("imsat_mlp", "dfdc_mlp")
 METRICS = ("acc", "nmi", "balance", "fairness", "fwd")
 
 #: The dissertation's Table 6.3 (net / ILP rows): (ACC, NMI, balance). "ILP" = the fair assignment.
@@ -226,6 +225,7 @@ def run_dataset(dataset: str, seeds: list[int], methods: list[str], cache: Path,
             labels = KMeans(k, n_init=10, random_state=seed).fit_predict(X_flat)
             save("kmeans", {"scores": clustering_scores(labels, groups, y, "net"), "curves": [],
                             "seconds": time.perf_counter() - start})
+
         def imsat_then_dfdc(imsat_name: str, dfdc_name: str, X: Any, backbone: str) -> None:
             """IMSAT, then DFDC from it (Algorithm 5's pre-training); ``backbone`` of both networks."""
             nonlocal eps
@@ -410,9 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     runs: list[dict[str, Any]] = []
+    overrides = {k: v for k, v in (("imsat_epochs", args.imsat_epochs), ("fair_epochs", args.fair_epochs))
+                 if v is not None}
     for dataset in args.datasets:
-        overrides = {k: v for k, v in (("imsat_epochs", args.imsat_epochs), ("fair_epochs", args.fair_epochs))
-                     if v is not None}
         runs += run_dataset(dataset, args.seeds, args.methods, cache, args.limit, args.epochs_scale,
                             train=not args.cached_only, epochs=overrides)
     rows = summarise(runs, args.datasets, args.methods)

@@ -194,6 +194,8 @@ def decode_and_score(val_scores: np.ndarray, test_scores: np.ndarray | None, val
     from dist_fair.cluster.edges import choose_decoding, decode_edges
 
     val_nbrs = np.load(val.knn / "nbrs.npy", mmap_mode="r")[:, :val_scores.shape[1]]
+    test_nbrs = None if test_scores is None else \
+        np.load(test.knn / "nbrs.npy", mmap_mode="r")[:, :test_scores.shape[1]]
     rows = []
     for grid_name, (grid, quantiles) in grid_set.items():
         for method in ("threshold", "peak"):
@@ -206,7 +208,6 @@ def decode_and_score(val_scores: np.ndarray, test_scores: np.ndarray | None, val
             if test_scores is None:
                 rows.append(head)
                 continue
-            test_nbrs = np.load(test.knn / "nbrs.npy", mmap_mode="r")[:, :test_scores.shape[1]]
             start = time.perf_counter()
             pred = decode_edges(test_nbrs, test_scores, method, choice.tau)
             decode_s = time.perf_counter() - start
