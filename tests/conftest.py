@@ -16,9 +16,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``../shared/data`` beside the project; tests that need it skip when it is absent."""
+    """``../shared/data`` beside the project. Tests that need it skip when it is absent, except under
+    ``CI=true``: CI runs beside a copy of shared/, so a missing folder there is a failure, never a
+    silent skip."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data sets not found at {SHARED_DATA} (expected ../shared/data beside the project)")
+        message = f"real data sets not found at {SHARED_DATA} (expected ../shared/data beside the project)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message}; CI=true, so this fails instead of skipping", pytrace=False)
+        pytest.skip(message)
     return SHARED_DATA
 
 
