@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dist_fair.errors import DataError, DistFairError
+from dist_fair.faults import kill_point
 from dist_fair.io_atomic import atomic_path, atomic_save_npy
 from dist_fair.knn.sequences import SequenceInputs
 
@@ -62,6 +63,7 @@ def _predict_range(spec: dict[str, Any], weights: dict[str, Any], inputs: Sequen
     model.load_state_dict(weights)
     probs = predict_probs(model, inputs, np.arange(start, stop, dtype=np.int64), batch)
     atomic_save_npy(part_path, probs)
+    kill_point("infer.task_done")
     return {"start": start, "stop": stop, "seconds": time.perf_counter() - began}
 
 

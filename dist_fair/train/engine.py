@@ -39,6 +39,7 @@ from typing import Any, Iterator
 
 from dist_fair.config import TrainConfig
 from dist_fair.errors import ConfigError, DataError, DistFairError
+from dist_fair.faults import kill_point
 from dist_fair.io_atomic import atomic_write_json
 from dist_fair.train.progress import METRICS_FILE, MetricsLog, ProgressMonitor, Throughput, epoch_line, read_metrics
 from dist_fair.train.task import TrainTask
@@ -464,6 +465,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 loss, metrics = task.loss_fn(batch, outputs, ctx)
                 engine.backward(loss)
                 engine.step()
+                kill_point("train.step")
                 step += 1
                 ctx.step = step
                 acc.add(loss, metrics, batch_rows(batch))
