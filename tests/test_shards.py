@@ -1,4 +1,5 @@
 """Shard writing and reading: round trip, partitions, streams, resume, and bad input."""
+import hashlib
 import io
 import json
 import tarfile
@@ -131,7 +132,16 @@ def _rewrite_first_sample(folder, edit):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     path.write_bytes(buf.getvalue())
+    _update_manifest_entry(folder, 0)  # a consistent folder whose content is bad: decoding must catch it
     return samples[0]["__key__"]
+
+
+def _update_manifest_entry(folder, index):
+    data = json.loads((folder / "manifest.json").read_text())
+    entry = data["shards"][index]
+    content = (folder / entry["name"]).read_bytes()
+    entry["sha256"], entry["bytes"] = hashlib.sha256(content).hexdigest(), len(content)
+    (folder / "manifest.json").write_text(json.dumps(data))
 
 
 def test_missing_meta_json(folder):
@@ -205,3 +215,156 @@ def test_missing_shard_file(folder):
     (folder / victim).unlink()
     with pytest.raises(ShardError, match=f"{victim} .*missing"):
         S.load_labels(folder)
+
+
+# --------------------------------------------------------------------------- integrity (issue 16)
+
+def _member_offset(path, suffix):
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar if m.name.endswith(suffix))
+        return member.offset_data, member.size
+
+
+def _flip_byte(path, suffix=".emb.npy", at=200):
+    """Flip one byte inside the data of the first member ending in ``suffix`` (past the .npy header)."""
+    offset, size = _member_offset(path, suffix)
+    data = bytearray(path.read_bytes())
+    data[offset + min(at, size - 1)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_emb_fails_before_the_first_row(folder):
+    info = Manifest.load(folder).shards[1]
+    _flip_byte(folder / info.name)
+    blocks = S.iter_blocks(folder)
+    for _ in range(2):  # shard 0 is good: its blocks come
+        assert len(next(blocks)) > 0
+    first = next(b for b in S.iter_blocks(folder, [Manifest.load(folder).shards[0].name]))
+    assert first.ids[0] == 0
+    with pytest.raises(S.ShardIntegrityError) as err:
+        next(S.iter_blocks(folder, [info.name]))  # not one row of the bad file is yielded
+    message = str(err.value)
+    actual = hashlib.sha256((folder / info.name).read_bytes()).hexdigest()
+    assert info.name in message and info.sha256 in message and actual in message and "rewrite it" in message
+    with pytest.raises(S.ShardIntegrityError):
+        S.load_labels(folder)
+    with pytest.raises(S.ShardIntegrityError):
+        S.load_embeddings(folder)
+
+
+def test_no_verify_reads_a_changed_file(folder, monkeypatch):
+    info = Manifest.load(folder).shards[0]
+    _flip_byte(folder / info.name)
+    assert sum(len(b) for b in S.iter_blocks(folder, verify=False)) == 2500
+    monkeypatch.setenv(S.VERIFY_ENV, "1")
+    S.set_shard_verification(False)
+    assert not S.verification_enabled()
+    assert len(S.load_labels(folder)) == 2500
+    S.set_shard_verification(True)
+    with pytest.raises(S.ShardIntegrityError):
+        S.load_labels(folder)
+
+
+def test_stream_blocks_verifies(folder):
+    info = Manifest.load(folder).shards[0]
+    _flip_byte(folder / info.name)
+    with pytest.raises(S.ShardIntegrityError, match="sha256 mismatch"):
+        next(S.stream_blocks(folder, rank=0, world_size=1))
+
+
+def test_stream_blocks_reads_every_row(folder):
+    ids = np.concatenate([b.ids for b in S.stream_blocks(folder, 0, 1)])
+    assert np.array_equal(np.sort(ids), np.arange(2500))
+
+
+def test_cut_at_a_block_boundary_is_truncated(folder):
+    info = Manifest.load(folder).shards[2]
+    path = folder / info.name
+    with tarfile.open(path) as tar:  # cut right before the first sample's meta.json header
+        cut = next(m for m in tar if m.name.endswith(".meta.json")).offset
+    data = path.read_bytes()
+    assert cut % 512 == 0  # (today's code said "has no meta.json" here)
+    path.write_bytes(data[:cut])
+    with pytest.raises(ShardError, match="truncated"):
+        list(S.iter_blocks(folder))
+    with pytest.raises(ShardError, match="truncated") as err:
+        list(S.iter_blocks(folder, verify=False))  # no manifest comparison: the missing end marker tells
+    assert "meta.json" not in str(err.value)
+    with pytest.raises(ShardError, match="truncated.*end-of-archive"):
+        list(S.iter_tar_samples(path))
+
+
+def test_cut_after_a_whole_sample_is_truncated(folder):
+    """A cut between two tar samples: every remaining sample is whole; the counts still tell."""
+    info = Manifest.load(folder).shards[0]
+    path = folder / info.name
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    assert members[4].name.endswith("meta.json") and members[5].name.endswith("-000001.attrs.npy")
+    path.write_bytes(path.read_bytes()[: members[5].offset])
+    with pytest.raises(ShardError, match="truncated"):
+        list(S.iter_blocks(folder, verify=False))
+
+
+def test_resume_rewrites_a_shard_whose_bytes_differ_from_its_receipt(tmp_path, arrays):
+    emb, ident, attrs = arrays
+    out = tmp_path / "r"
+    S.write_embedding_shards(out, emb, ident, attrs, NAMES, shard_rows=700, block_rows=256)
+    info = Manifest.load(out).shards[1]
+    good = (out / info.name).read_bytes()
+    _flip_byte(out / info.name)
+    S.write_embedding_shards(out, emb, ident, attrs, NAMES, shard_rows=700, block_rows=256)
+    assert (out / info.name).read_bytes() == good
+    assert np.array_equal(S.load_embeddings(out), emb)
+
+
+def test_shard_set_digest_follows_the_bytes(folder):
+    before = S.shard_set_digest(folder)
+    assert S.shard_set_digest(folder) == before
+    info = Manifest.load(folder).shards[3]
+    good = (folder / info.name).read_bytes()
+    _flip_byte(folder / info.name)
+    with pytest.raises(S.ShardIntegrityError):
+        S.shard_set_digest(folder)
+    changed = S.shard_set_digest(folder, verify=False)
+    assert changed != before
+    (folder / info.name).write_bytes(good)
+    assert S.shard_set_digest(folder) == before
+
+
+def test_hostile_member_in_a_shard_is_refused(folder):
+    from dist_fair.data.tar_safety import UnsafeTarMemberError
+
+    info = Manifest.load(folder).shards[0]
+    path = folder / info.name
+    with open(path, "rb") as handle:
+        good = handle.read()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        link = tarfile.TarInfo("emb-000000.extra")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        with tarfile.open(fileobj=io.BytesIO(good)) as src:
+            for member in src:
+                tar.addfile(member, src.extractfile(member))
+    path.write_bytes(buf.getvalue())
+    _update_manifest_entry(folder, 0)
+    with pytest.raises(UnsafeTarMemberError, match="symbolic link"):
+        list(S.iter_blocks(folder))
+
+
+def test_member_header_claiming_gigabytes_is_refused(folder):
+    from dist_fair.data.tar_safety import UnsafeTarMemberError
+
+    info = Manifest.load(folder).shards[0]
+    path = folder / info.name
+    with tarfile.open(path) as tar:
+        first = tar.getmembers()[0]
+    data = bytearray(path.read_bytes())
+    header = tarfile.TarInfo(first.name)
+    header.size, header.mtime, header.mode = 8 << 30, 0, 0o644
+    data[first.offset:first.offset + 512] = header.tobuf(format=tarfile.GNU_FORMAT)[:512]
+    path.write_bytes(bytes(data))
+    _update_manifest_entry(folder, 0)
+    with pytest.raises(UnsafeTarMemberError, match="8,589,934,592 bytes"):
+        list(S.iter_blocks(folder))

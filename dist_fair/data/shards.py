@@ -4,13 +4,27 @@ Writing: a *producer* turns a ``ShardPlan`` (name, first id, rows) into the shar
 ``Block`` objects (embeddings) or ``ImageRecord`` objects (images). ``write_shard_set`` runs one
 producer call per output shard, in this process or as one Ray task per shard (``workers > 1``), each
 writing ``<name>.tar`` under a temporary name, checksumming it, renaming it and leaving a receipt
-``.<name>.done.json``. A re-run skips shards whose receipt matches the file (a killed ingestion
+``.<name>.done.json``. A re-run skips shards whose receipt matches the file, size and sha256 (a killed ingestion
 resumes); the manifest is assembled from the receipts last, atomically.
 
 Reading: ``iter_blocks`` (exactly once, in id order, with checks that name shard and sample),
 ``shards_for_worker`` (an exactly-once partition over W workers) and ``stream_blocks`` (a
 WebDataset pipeline with an explicit node split; ``resampled=True`` gives the endless shuffled
 stream used for training).
+
+Integrity (every reader): before the first row of a shard file is used, its size is compared with
+the manifest's ``bytes`` (shorter = "truncated") and its sha256 with the manifest's ``sha256``
+(``ShardIntegrityError`` naming file, both digests and the fix). The file is hashed *first*, in one
+streaming pass (sha256 runs at about 1 GB/s; the rows are then read from the page cache), not while
+its rows are yielded: a consumer never sees a row of a file that has not been verified, so no result
+can be committed from bad rows. Each file is hashed once per process (the digest is remembered for
+its path, size, inode, mtime and ctime). Verification is on by default; ``set_shard_verification(False)``
+(the CLIs' ``--no-verify``, the job config's ``data.verify: false``) turns it off for this process and
+the Ray workers it starts, for users who accept the risk (a truncated file is still caught by the
+missing end-of-archive marker and the sample counts). Every tar member
+passes ``tar_safety.check_tar_member`` (no links, devices, absolute or ``..`` names, no member larger
+than its file), and a tar without its end-of-archive marker is reported as truncated.
+``shard_set_digest`` hashes the actual bytes of a folder's shards, for stage fingerprints.
 """
 from __future__ import annotations
 
@@ -27,12 +41,19 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from dist_fair.data.schema import MANIFEST_NAME, Manifest, ShardInfo
+from dist_fair.data.tar_safety import check_tar_member
 from dist_fair.errors import DataError, ShardError
 from dist_fair.io_atomic import atomic_write_json
 
 LOG = logging.getLogger(__name__)
 
 UNKNOWN = -1
+VERIFY_ENV = "DIST_FAIR_VERIFY_SHARDS"
+_END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
+
+
+class ShardIntegrityError(ShardError):
+    """A shard file's bytes do not match its manifest entry (sha256 or size)."""
 
 
 @dataclass
@@ -208,9 +229,26 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
-def iter_tar_samples(path: Path, verify_sha256: str | None = None) -> Iterator[dict[str, bytes]]:
-    """Group a tar's entries into samples by key (``key.ext`` -> sample[ext]), streaming."""
+def _has_end_of_archive(path: Path, offset: int) -> bool:
+    """Whether the two zero blocks that end a tar archive follow the last member (at ``offset``)."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        tail = handle.read(_END_OF_ARCHIVE)
+    return len(tail) == _END_OF_ARCHIVE and tail.count(0) == _END_OF_ARCHIVE
+
+
+def iter_tar_samples(path: Path, verify_sha256: str | None = None,
+                     max_member_bytes: int | None = None) -> Iterator[dict[str, bytes]]:
+    """Group a tar's entries into samples by key (``key.ext`` -> sample[ext]), streaming.
+
+    Every member header passes ``tar_safety.check_tar_member`` (``max_member_bytes``: default the
+    file's size) before its bytes are read. A file that ends without the end-of-archive marker is
+    truncated: ``ShardError`` before its last (possibly incomplete) sample is yielded.
+    ``verify_sha256`` checks the digest of the bytes read at the end (shard readers verify the whole
+    file before reading instead, see ``verify_shard_file``).
+    """
     shard = path.name
+    limit = path.stat().st_size if max_member_bytes is None else max_member_bytes
     with open(path, "rb") as raw:
         reader = _HashingReader(raw)
         buffered = io.BufferedReader(reader, buffer_size=1 << 20)
@@ -218,6 +256,7 @@ def iter_tar_samples(path: Path, verify_sha256: str | None = None) -> Iterator[d
         try:
             with tarfile.open(fileobj=buffered, mode="r|") as tar:
                 for member in tar:
+                    check_tar_member(path, member, limit)
                     if not member.isfile():
                         continue
                     base = member.name.rsplit("/", 1)[-1]
@@ -235,15 +274,129 @@ def iter_tar_samples(path: Path, verify_sha256: str | None = None) -> Iterator[d
                     if current is None:
                         current = {"__key__": key}
                     current[ext] = data
+                end_offset = tar.offset
         except (tarfile.TarError, EOFError, OSError) as err:
             raise ShardError(f"shard {shard}: corrupt or truncated tar ({err}); rewrite it "
                              "(re-run `dist-fair shards ...`, finished shards are kept)") from err
+        if not _has_end_of_archive(path, end_offset):
+            raise ShardError(f"shard {shard} ({path}): truncated - the tar ends at byte {path.stat().st_size:,} "
+                             f"without its end-of-archive marker (after {end_offset:,} bytes of members), so its "
+                             "last sample may be incomplete; rewrite it (re-run `dist-fair shards ...`, finished "
+                             "shards are kept) or restore the file from a copy")
         if current is not None:
             yield current
         buffered.read()  # hash the tail (tar padding) too
     if verify_sha256 and reader.sha.hexdigest() != verify_sha256:
-        raise ShardError(f"shard {shard}: sha256 {reader.sha.hexdigest()[:16]}... does not match the manifest's "
-                         f"{verify_sha256[:16]}...; the file changed after writing - rewrite it")
+        raise ShardIntegrityError(f"shard {shard}: sha256 {reader.sha.hexdigest()} does not match the manifest's "
+                                  f"{verify_sha256}; the file changed after writing - rewrite it")
+
+
+# --------------------------------------------------------------------------- integrity
+
+def verification_enabled() -> bool:
+    """Whether shard readers verify checksums in this process (``DIST_FAIR_VERIFY_SHARDS``, default on)."""
+    return os.environ.get(VERIFY_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_shard_verification(enabled: bool) -> None:
+    """Turn checksum verification on or off for this process and the Ray workers it starts later
+    (the variable is passed on by ``ray_runtime.init_ray``; workers of an already running Ray keep
+    their setting)."""
+    os.environ[VERIFY_ENV] = "1" if enabled else "0"
+    if not enabled:
+        LOG.warning("shard checksums are NOT verified (--no-verify / data.verify=false): a corrupt shard "
+                    "gives wrong results without an error")
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, streamed in 4 MiB chunks; remembered per (path, size, inode, mtime, ctime)."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        sha = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                sha.update(chunk)
+        digest = _DIGESTS[key] = sha.hexdigest()
+    return digest
+
+
+def _rewrite_hint(shard_dir: Path) -> str:
+    return (f"rewrite it: re-run the `dist-fair shards ...` (or embed) command that wrote {shard_dir} - finished "
+            "shards whose bytes still match their receipts are kept, this one is written again - or restore the "
+            "file from a copy; `--no-verify` (data.verify: false) reads it anyway, at your own risk")
+
+
+def verify_shard_file(shard_dir: str | Path, info: ShardInfo, verify: bool | None = None) -> Path:
+    """Check one listed shard file before its rows are used; return its path.
+
+    Always: the file exists. With ``verify`` (default: ``verification_enabled()``): it has the
+    manifest's size (shorter = truncated) and sha256. Without, truncation is still caught while
+    reading (end-of-archive marker, sample and row counts).
+
+    Raises:
+        ShardError: the file is missing or truncated.
+        ShardIntegrityError: its size or sha256 differs from the manifest.
+    """
+    shard_dir = Path(shard_dir)
+    path = shard_dir / info.name
+    if not path.is_file():
+        raise ShardError(f"shard {info.name} listed in {shard_dir / MANIFEST_NAME} is missing; "
+                         "restore it or rewrite the shard folder")
+    if not (verification_enabled() if verify is None else verify):
+        return path
+    size = path.stat().st_size
+    if info.bytes and size < info.bytes:
+        raise ShardIntegrityError(f"shard {path}: truncated - the file has {size:,} bytes, the manifest lists "
+                                  f"{info.bytes:,}; {_rewrite_hint(shard_dir)}")
+    if info.bytes and size != info.bytes:
+        raise ShardIntegrityError(f"shard {path}: the file has {size:,} bytes, the manifest lists {info.bytes:,} "
+                                  f"(it changed after writing); {_rewrite_hint(shard_dir)}")
+    actual = file_sha256(path)
+    if actual != info.sha256:
+        raise ShardIntegrityError(f"shard {path}: sha256 mismatch - the file's bytes hash to {actual}, the "
+                                  f"manifest ({shard_dir / MANIFEST_NAME}) records {info.sha256}: the file "
+                                  f"changed after it was written (disk or copy error, or an edit); "
+                                  f"{_rewrite_hint(shard_dir)}")
+    return path
+
+
+def shard_set_digest(shard_dir: str | Path, verify: bool | None = None) -> str:
+    """One sha256 over what a shard folder's readers get: the manifest's schema fields and the
+    *actual* sha256 of every listed file (hashed once per process, see ``file_sha256``).
+
+    For stage fingerprints: a repaired or changed input gives a different digest, so the stages
+    after it are redone. With ``verify`` (default: ``verification_enabled()``) a file whose digest
+    differs from the manifest raises ``ShardIntegrityError`` instead.
+    """
+    manifest = read_manifest(shard_dir)
+    shard_dir = Path(shard_dir)
+    check = verification_enabled() if verify is None else verify
+    files = []
+    for info in manifest.shards:
+        path = verify_shard_file(shard_dir, info, verify=check)
+        files.append([info.name, info.first_id, info.samples, file_sha256(path)])
+    payload = {"kind": manifest.kind, "dim": manifest.dim, "dtype": manifest.dtype,
+               "attributes": manifest.attributes, "num_samples": manifest.num_samples, "files": files}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def iter_shard_samples(shard_dir: str | Path, info: ShardInfo, verify: bool | None = None) -> Iterator[dict[str, bytes]]:
+    """The raw tar samples of one listed shard, after ``verify_shard_file``; raises when the file holds
+    fewer tar samples than the manifest's ``blocks`` (a truncated file)."""
+    path = verify_shard_file(shard_dir, info, verify)
+    count = 0
+    for sample in iter_tar_samples(path):
+        count += 1
+        yield sample
+    if info.blocks and count < info.blocks:
+        raise ShardError(f"shard {path}: truncated - it holds {count} tar samples, the manifest lists {info.blocks}; "
+                         f"{_rewrite_hint(Path(shard_dir))}")
 
 
 def read_manifest(shard_dir: str | Path) -> Manifest:
@@ -258,14 +411,12 @@ def _shard_info(manifest: Manifest, name: str) -> ShardInfo:
 
 
 def iter_shard_blocks(shard_dir: str | Path, info: ShardInfo, manifest: Manifest, with_emb: bool = True,
-                      verify: bool = False) -> Iterator[Block]:
-    """Blocks of one shard, checked: ids contiguous from ``first_id`` and the row count as listed."""
-    path = Path(shard_dir) / info.name
-    if not path.is_file():
-        raise ShardError(f"shard {info.name} listed in {Path(shard_dir) / MANIFEST_NAME} is missing; "
-                         "restore it or rewrite the shard folder")
+                      verify: bool | None = None) -> Iterator[Block]:
+    """Blocks of one shard, checked: the file against the manifest first (``verify_shard_file``;
+    ``verify`` None = ``verification_enabled()``), then ids contiguous from ``first_id`` and the row
+    count as listed."""
     expected = info.first_id
-    for sample in iter_tar_samples(path, info.sha256 if verify else None):
+    for sample in iter_shard_samples(shard_dir, info, verify):
         block = decode_sample(sample, manifest, info.name, with_emb=with_emb)
         n = len(block)
         if n and (block.ids[0] != expected or (n > 1 and not np.array_equal(block.ids, np.arange(expected, expected + n)))):
@@ -279,8 +430,9 @@ def iter_shard_blocks(shard_dir: str | Path, info: ShardInfo, manifest: Manifest
 
 
 def iter_blocks(shard_dir: str | Path, shard_names: Sequence[str] | None = None, with_emb: bool = True,
-                verify: bool = False) -> Iterator[Block]:
-    """Every block of the given shards (default: all) exactly once, in id order."""
+                verify: bool | None = None) -> Iterator[Block]:
+    """Every block of the given shards (default: all) exactly once, in id order; each file is
+    verified before its first row (``verify`` None = ``verification_enabled()``)."""
     manifest = read_manifest(shard_dir)
     infos = manifest.shards if shard_names is None else [_shard_info(manifest, n) for n in shard_names]
     for info in infos:
@@ -353,6 +505,15 @@ def shards_for_worker(manifest: Manifest, rank: int, world_size: int) -> list[st
     return [s.name for s in manifest.shards if owner[s.name] == rank]
 
 
+def _tar_samples_stage(urls: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """WebDataset stage: url records -> samples, through ``iter_tar_samples`` (member safety checks)."""
+    for record in urls:
+        url = record["url"]
+        for sample in iter_tar_samples(Path(url)):
+            sample["__url__"] = url
+            yield sample
+
+
 def stream_blocks(shard_dir: str | Path, rank: int = 0, world_size: int = 1, resampled: bool = False,
                   seed: int = 0, shuffle_rows: bool | None = None) -> Iterator[Block]:
     """Stream this worker's share of the shards through a WebDataset pipeline.
@@ -371,12 +532,14 @@ def stream_blocks(shard_dir: str | Path, rank: int = 0, world_size: int = 1, res
         LOG.warning("worker %d of %d has no shard to read (%d shards); write more, smaller shards",
                     rank, world_size, len(manifest.shards))
         return
+    for name in names:  # every file of this worker verified before its first row is used
+        verify_shard_file(shard_dir, _shard_info(manifest, name))
     urls = [str(Path(shard_dir) / n) for n in names]
     if resampled:
         source = wds.ResampledShards(urls, seed=seed * 1009 + rank, deterministic=True)
     else:
         source = wds.SimpleShardList(urls)
-    pipeline = wds.DataPipeline(source, wds.tarfile_to_samples())
+    pipeline = wds.DataPipeline(source, _tar_samples_stage)
     rng = np.random.default_rng([seed, rank])
     shuffle_rows = resampled if shuffle_rows is None else shuffle_rows
     for sample in pipeline:
@@ -496,7 +659,8 @@ def _check_block(block: Block, plan: ShardPlan, expected: int, dim: int | None,
 
 
 def _read_receipt(out_dir: Path, plan: ShardPlan, fingerprint: str) -> ShardInfo | None:
-    """A finished shard's info if its receipt matches the file on disk and the job, else None."""
+    """A finished shard's info if its receipt matches the job and the file on disk (size and sha256),
+    else None (the shard is then written again)."""
     receipt, final = _receipt_path(out_dir, plan.name), out_dir / plan.name
     if not (receipt.is_file() and final.is_file()):
         return None
@@ -508,6 +672,11 @@ def _read_receipt(out_dir: Path, plan: ShardPlan, fingerprint: str) -> ShardInfo
     if data.get("fingerprint") != fingerprint:
         return None
     if info.samples != plan.rows or info.first_id != plan.first_id or info.bytes != final.stat().st_size:
+        return None
+    actual = file_sha256(final)
+    if actual != info.sha256:
+        LOG.warning("%s: its bytes hash to %s but its receipt records %s (changed after writing); writing it again",
+                    final, actual, info.sha256)
         return None
     return info
 
