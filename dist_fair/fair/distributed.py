@@ -1,16 +1,18 @@
 """The scalable fair assignment on Ray actors (METHODS.md §6, "At scale").
 
 Each :class:`_FairWorker` actor holds one contiguous share of the samples (their candidate lists
-and groups) and runs :func:`dist_fair.fair.assign.solve_shard` on it; the two collectives of
-:class:`~dist_fair.fair.reducer.Reducer` go through a small asynchronous :class:`_Coordinator`
-actor that waits for every worker's contribution to step s and hands the list back to all of them.
+and groups) and runs :func:`dist_fair.fair.assign.solve_shard` on it; its collectives are a
+:class:`~dist_fair.collective.RayCollective`, whose coordinator actor waits for every worker's
+contribution to step s and hands the list back to all of them.
 Per collective a worker sends O(T K) numbers (counts, prices, radix histograms) - never its
 probabilities - except once per finish step, when the cell-to-cell exchange edges (a few per cell)
 and the samples left unassigned by the auction are gathered.
 
-Inside a training job the engine's own collectives (``torch.distributed``) implement the same
-:class:`Reducer`, and every rank calls :func:`solve_shard` directly; this module is for running the
-fair assignment on its own (e.g. ``fair_assign_ray`` from a driver, or the pipeline's cluster stage).
+Inside a training job the engine's :class:`~dist_fair.collective.TorchCollective`
+(``torch.distributed``) implements the same protocol, and every rank calls :func:`solve_shard`
+directly (the deep fair clustering task, ``dist_fair/deep/task.py``); this module is for running
+the fair assignment on its own, from a driver: ``dist-fair fair-assign --workers N`` (N > 1) and
+``dist_fair.fair.fair_assign_ray``. The pipeline does not call it.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_fair.collective import RayCollective, start_ray_coordinator
 from dist_fair.errors import DataError, DistFairError
 from dist_fair.fair.assign import FairAssignReport, FairAssignResult, as_candidates
 from dist_fair.fair.auction import AuctionOptions
@@ -28,33 +31,9 @@ from dist_fair.fair.finish import FinishOptions
 LOG = logging.getLogger(__name__)
 
 
-def _remote_classes():
-    """Ray actor classes, created lazily so that importing this module does not import Ray."""
-    import asyncio
-
+def _worker_class():
+    """The Ray actor class, created lazily so that importing this module does not import Ray."""
     import ray
-
-    @ray.remote(num_cpus=0)
-    class _Coordinator:
-        """Rendezvous for SPMD collectives: step s completes when all ``world_size`` parts arrived."""
-
-        def __init__(self, world_size: int) -> None:
-            self.world_size = world_size
-            self.steps: dict[int, dict[str, Any]] = {}
-
-        async def exchange(self, step: int, rank: int, part: np.ndarray) -> list[np.ndarray]:
-            entry = self.steps.setdefault(step, {"parts": [None] * self.world_size, "arrived": 0, "left": 0,
-                                                 "done": asyncio.Event()})
-            entry["parts"][rank] = part
-            entry["arrived"] += 1
-            if entry["arrived"] == self.world_size:
-                entry["done"].set()
-            await entry["done"].wait()
-            entry["left"] += 1
-            parts = entry["parts"]
-            if entry["left"] == self.world_size:
-                del self.steps[step]
-            return parts
 
     @ray.remote
     class _FairWorker:
@@ -66,38 +45,15 @@ def _remote_classes():
             from dist_fair.fair.candidates import Candidates
 
             self.shard = Shard(Candidates(value, index, n_clusters), groups, ids)
-            self.reducer = RayReducer(coordinator, rank, world_size)
+            self.collective = RayCollective(coordinator, rank, world_size)
 
         def solve(self, kwargs: dict) -> tuple[np.ndarray, np.ndarray, dict]:
             from dist_fair.fair.assign import solve_shard
 
-            labels, report = solve_shard(self.shard, self.reducer, **kwargs)
+            labels, report = solve_shard(self.shard, self.collective, **kwargs)
             return self.shard.ids, labels, report.to_dict()
 
-    return _Coordinator, _FairWorker
-
-
-class RayReducer:
-    """:class:`~dist_fair.fair.reducer.Reducer` over a coordinator actor (one per solve)."""
-
-    def __init__(self, coordinator, rank: int, world_size: int) -> None:
-        self.coordinator = coordinator
-        self.rank = rank
-        self.world_size = world_size
-        self.step = 0
-
-    def allgather(self, x: np.ndarray) -> list[np.ndarray]:
-        import ray
-
-        self.step += 1
-        return ray.get(self.coordinator.exchange.remote(self.step, self.rank, np.asarray(x)))
-
-    def allreduce_sum(self, x: np.ndarray) -> np.ndarray:
-        parts = self.allgather(x)
-        total = np.array(parts[0], copy=True)
-        for part in parts[1:]:
-            total = total + part
-        return total
+    return _FairWorker
 
 
 def fair_assign_ray(probs: Any, groups: np.ndarray, rho: Any = None, eps: float = 0.0, top_m: int | None = None, *,
@@ -128,8 +84,8 @@ def fair_assign_ray(probs: Any, groups: np.ndarray, rho: Any = None, eps: float 
     t_given = len(rho) if rho is not None else (np.asarray(targets).shape[0] if targets is not None else n_groups)
     groups, _ = check_groups(groups, cands.num_samples, t_given)
     init_ray()
-    coordinator_cls, worker_cls = _remote_classes()
-    coordinator = coordinator_cls.remote(num_workers)
+    worker_cls = _worker_class()
+    coordinator = start_ray_coordinator(num_workers)
     bounds = np.linspace(0, cands.num_samples, num_workers + 1).astype(np.int64)
     options = {"scheduling_strategy": "SPREAD"} if spread else {}
     workers = []
