@@ -25,6 +25,12 @@ SOURCES: dict[str, tuple[str, str, str, str]] = {
                 "UTKFace face crops from its tar files or folder (race, gender, age from file names)"),
     "table": ("dist_fair.data.table", "add_table_arguments", "run_table",
               "a CSV table with feature columns, a protected column and an optional label column"),
+    "lfw": ("dist_fair.data.lfw", "add_lfw_arguments", "run_lfw",
+            "Labeled Faces in the Wild (tar files or folder): identities, gender and race from its side files"),
+    "faces": ("dist_fair.data.identity_folders", "add_faces_arguments", "run_faces",
+              "face images one folder per person (<Person>/<image>.jpg, folders or tar files) with attribute files"),
+    "features": ("dist_fair.data.features", "add_features_arguments", "run_features",
+                 "precomputed embeddings (.npy, .npz, learn-to-cluster .bin + .meta), L2-normalised"),
     "digits": ("dist_fair.data.digits", "add_digits_arguments", "run_digits",
                "MNIST-USPS or Reverse-MNIST from mnist_usps.npz (protected attribute: source)"),
 }
