@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dist_fair.data import shards as S
-from dist_fair.embed.backbone import create_backbone
+from dist_fair.embed.timm_backbone import create_backbone
 from dist_fair.embed.stage import embed_image_shards
 from dist_fair.errors import ConfigError, ShardError
 
