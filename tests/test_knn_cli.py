@@ -64,3 +64,25 @@ def test_cli_on_a_fresh_local_ray_instance(shards, tmp_path):
     assert summary["workers"] == 2 and 0.5 <= summary["recall_at_k"] <= 1.0, summary
     nbrs, _ = load_knn_graph(tmp_path / "knn")
     assert (nbrs[:, 0] == np.arange(150)).all()
+
+
+@pytest.mark.ray
+def test_cli_refuses_a_flipped_byte_in_emb(ray_cluster, shards, tmp_path, capsys):
+    """Issue 16: one flipped byte inside emb.npy used to give exit 0 and a wrong graph."""
+    import tarfile
+
+    from dist_fair.cli import main
+    from dist_fair.data.shards import read_manifest
+
+    folder, _ = shards
+    victim = folder / read_manifest(folder).shards[1].name
+    with tarfile.open(victim) as tar:
+        member = next(m for m in tar if m.name.endswith(".emb.npy"))
+    data = bytearray(victim.read_bytes())
+    data[member.offset_data + 200] ^= 0x01
+    victim.write_bytes(bytes(data))
+    rc = main(["knn", "--shards", str(folder), "--out", str(tmp_path / "knn"), "--k", "7", "--index", "flat",
+               "--workers", "1", "--cpus-per-worker", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{victim.name}: sha256 mismatch" in err and "rewrite it" in err
+    assert not (tmp_path / "knn" / "knn.json").exists()

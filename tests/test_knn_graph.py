@@ -64,7 +64,12 @@ def test_exact_graph_equals_brute_force(ray_cluster, data, tmp_path, workers):
     info = json.loads((tmp_path / "knn" / "knn.json").read_text())
     assert info["workers"] == workers and len(info["actors"]) == workers
     assert [a["ids"] for a in info["actors"]] == [list(r) for r in partition_rows(N, workers)]
-    assert result.recall_at_k == 1.0 and info["recall"]["exact"] is True
+    # exact by construction, and measured: a sample of queries against an independent numpy brute force
+    assert info["recall"]["exact"] is True and info["recall"]["reference"].startswith("numpy")
+    sample = np.array(info["recall"]["sample_ids"])
+    assert sample.size == 80 == result.recall_sample
+    assert result.recall_at_k == pytest.approx(np.mean([len(set(nbrs[i]) & set(ref_nbrs[i])) / K for i in sample]))
+    assert result.recall_at_k == 1.0 and result.same_identity_recall == 1.0
     for phase in ("load_s", "build_s", "search_s", "merge_s", "write_s", "total_s"):
         assert phase in info["timings"]
     if workers >= 2:  # SPREAD placement puts the index actors on both simulated nodes
@@ -125,14 +130,14 @@ def test_complete_output_is_reused_and_changed_parameters_rebuild(ray_cluster, d
     folder, _, _ = data
     cfg = config(index="ivf", workers=2, nprobe=4)
     first = build_knn_graph(folder, tmp_path / "knn", cfg, progress=False)
-    from dist_fair.data.shards import read_manifest
+    from dist_fair.data.shards import read_manifest, shard_set_digest
 
-    params = graph_params(cfg, read_manifest(folder))
+    params = graph_params(cfg, read_manifest(folder), shard_set_digest(folder))
     assert not first.reused and is_complete(tmp_path / "knn", params)
     again = build_knn_graph(folder, tmp_path / "knn", cfg, progress=False)
     assert again.reused and again.recall_at_k == first.recall_at_k
     other = config(index="ivf", workers=2, nprobe=5)
-    assert not is_complete(tmp_path / "knn", graph_params(other, read_manifest(folder)))
+    assert not is_complete(tmp_path / "knn", graph_params(other, read_manifest(folder), shard_set_digest(folder)))
     assert not build_knn_graph(folder, tmp_path / "knn", other, progress=False).reused
     assert not list((tmp_path / "knn").glob(".*partial"))
 
@@ -176,3 +181,40 @@ def test_partition_query_blocks_and_actor_cpus(data):
     np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), np.arange(N))
     np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), x)
     np.testing.assert_array_equal(np.concatenate([b[2] for b in blocks]), identity)
+
+
+def _flip_emb_byte(path):
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar if m.name.endswith(".emb.npy"))
+    data = bytearray(path.read_bytes())
+    data[member.offset_data + 300] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_fails_and_the_key_follows_the_input_bytes(ray_cluster, data, tmp_path):
+    import shutil
+
+    from dist_fair.data.shards import ShardIntegrityError, read_manifest, shard_set_digest
+
+    source, _, _ = data
+    folder = tmp_path / "shards"
+    shutil.copytree(source, folder)
+    cfg = config(index="flat", workers=2)
+    build_knn_graph(folder, tmp_path / "knn", cfg, progress=False)
+    victim = folder / read_manifest(folder).shards[1].name
+    good = victim.read_bytes()
+    _flip_emb_byte(victim)
+    before = (tmp_path / "knn" / "nbrs.npy").read_bytes()
+    with pytest.raises(ShardIntegrityError, match=f"{victim.name}: sha256 mismatch"):
+        build_knn_graph(folder, tmp_path / "knn2", cfg, progress=False)
+    assert not (tmp_path / "knn2" / "knn.json").exists()
+    # a graph keyed on the changed bytes is not the graph of the good bytes, and the reverse
+    manifest = read_manifest(folder)
+    changed = graph_params(cfg, manifest, shard_set_digest(folder, verify=False))
+    assert not is_complete(tmp_path / "knn", changed)
+    victim.write_bytes(good)
+    assert is_complete(tmp_path / "knn", graph_params(cfg, manifest, shard_set_digest(folder)))
+    again = build_knn_graph(folder, tmp_path / "knn", cfg, progress=False)
+    assert again.reused and (tmp_path / "knn" / "nbrs.npy").read_bytes() == before

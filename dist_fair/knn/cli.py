@@ -1,8 +1,9 @@
 """``dist-fair knn``: build the kNN graph of an embedding shard folder on Ray.
 
-    dist-fair knn --shards DIR --out DIR [--k 80] [--index auto|flat|ivf|hnsw|ivfpq] [--workers W]
+    dist-fair knn --shards DIR --out DIR [--k 80] [--index auto|flat|ivf|hnsw|ivfpq|ivfpq_fs] [--workers W]
                   [--nlist N] [--nprobe P] [--hnsw-m M] [--ef-construction E] [--ef-search E]
                   [--pq-m M] [--rerank R] [--recall-sample N] [--gpu auto|yes|no] [--address auto]
+                  [--no-verify]
 
 Same code as the pipeline's kNN stage (:func:`dist_fair.knn.build_knn_graph`). Writes
 ``nbrs.npy``, ``sims.npy`` and ``knn.json`` into ``--out`` and prints a summary. Only the standard
@@ -30,15 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", required=True, metavar="DIR", help="embedding shard folder (with manifest.json)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (nbrs.npy, sims.npy, knn.json)")
     parser.add_argument("--k", type=int, default=d.k, help="neighbours per sample, the sample itself included")
-    parser.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"], default=d.index,
+    parser.add_argument("--index", choices=["auto", "flat", "ivf", "hnsw", "ivfpq", "ivfpq_fs"], default=d.index,
                         help="flat = exact; ivf = IVF-Flat; hnsw = HNSW-Flat; ivfpq = IVF-PQ with exact re-ranking; "
+                             "ivfpq_fs = FAISS 4-bit PQ fast-scan with exact re-ranking; "
                              "auto = flat while N^2 * dim <= 2e12, else hnsw")
     parser.add_argument("--workers", type=int, default=d.workers, help="index actors (database shards)")
     parser.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker,
                         help="CPUs (and faiss threads) per actor; default: cluster CPUs / workers")
     parser.add_argument("--query-block", type=int, default=d.query_block, help="queries per block")
     parser.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists per shard (default ~4*sqrt(rows))")
-    parser.add_argument("--nprobe", type=int, default=d.nprobe, help="IVF lists visited per query")
+    parser.add_argument("--nprobe", type=int, default=d.nprobe, help="IVF lists visited per query (default: the index's, "
+                        "16 for ivf/ivfpq, 256 for ivfpq_fs)")
     parser.add_argument("--ivf-search", choices=["lists", "faiss"], default=d.ivf_search,
                         help="CPU ivf: lists = list by list with matrix products over each query block "
                              "(same candidates as faiss, several times faster); faiss = IndexIVFFlat.search")
@@ -48,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help="HNSW links per node")
     parser.add_argument("--ef-construction", type=int, default=d.ef_construction, help="HNSW build beam width")
     parser.add_argument("--ef-search", type=int, default=d.ef_search, help="HNSW search beam width")
-    parser.add_argument("--pq-m", type=int, default=d.pq_m, help="IVF-PQ sub-quantizers (must divide the dimension)")
-    parser.add_argument("--rerank", type=int, default=d.rerank, help="IVF-PQ: re-rank rerank*k candidates exactly")
+    parser.add_argument("--pq-m", type=int, default=d.pq_m, help="IVF-PQ sub-quantizers (must divide the "
+                        "dimension; default 32 for ivfpq, dim/2 for ivfpq_fs)")
+    parser.add_argument("--rerank", type=int, default=d.rerank, help="ivfpq/ivfpq_fs: re-rank rerank*k candidates "
+                        "exactly (faiss' k_factor; default 4 for ivfpq, 8 for ivfpq_fs)")
     parser.add_argument("--train-size", type=int, default=d.train_size,
                         help="IVF training rows per shard (default 40*nlist)")
     parser.add_argument("--recall-sample", type=int, default=d.recall_sample,
@@ -62,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray to join (auto, ray://host:10001); default: start a local instance")
     parser.add_argument("--force", action="store_true", help="rebuild even if --out holds a complete graph")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not check the shard files against their manifest sha256 (default: checked before "
+                             "any work; a mismatch is an error). Only if you accept wrong results from a corrupt file")
 
 
 def config_from_args(args: argparse.Namespace):  # -> KNNConfig
@@ -76,8 +84,11 @@ def config_from_args(args: argparse.Namespace):  # -> KNNConfig
 
 
 def main(args: argparse.Namespace) -> int:
+    from dist_fair.data.shards import set_shard_verification
     from dist_fair.knn.graph import build_knn_graph
 
+    if args.no_verify:
+        set_shard_verification(False)
     config = config_from_args(args)
     result = build_knn_graph(args.shards, args.out, config, resume=not args.force, progress=not args.no_progress,
                              ray_address=args.address)

@@ -18,13 +18,18 @@
 3. Outputs in ``out_dir``: ``nbrs.npy`` (int64, N x k) and ``sims.npy`` (float32, N x k), rows
    in manifest id order, written under temporary names and renamed when complete, then
    ``knn.json`` last (atomically): parameters, per-actor statistics, timings per phase and, for
-   approximate indexes, recall@k and same-identity recall of ``recall_sample`` random queries
-   against exact search (run by the same actors over their raw vectors). A complete output with
-   the same parameters is reused (:func:`is_complete`).
+   every index, recall@k and same-identity recall of ``recall_sample`` random queries: for
+   approximate indexes against exact search (run by the same actors over their raw vectors), for
+   the exact ``flat`` index against an independent numpy brute force (:func:`brute_force_topk`) -
+   exact by construction, and measured. A complete output with the same parameters and the same
+   input bytes is reused (:func:`is_complete`; the key holds
+   :func:`~dist_fair.data.shards.shard_set_digest`, the sha256 of every input file as read, so a
+   repaired or changed shard rebuilds the graph).
 
 Failures: an actor that dies is restarted by Ray (``max_restarts``) and its unfinished blocks
 re-sent (``max_task_retries``); the new life rebuilds the identical index from the files, so no
-row is wrong or missing. Errors in the input (image shards, N < k, corrupt shards, dimension
+row is wrong or missing. Every input file is checked against its manifest sha256 before any work
+(``ShardIntegrityError``; off with ``--no-verify``). Errors in the input (image shards, N < k, corrupt shards, dimension
 mismatch between shards and manifest, zero-norm embeddings, impossible index parameters) raise
 :class:`~dist_fair.errors.DistFairError` subclasses naming the fix.
 """
@@ -121,24 +126,25 @@ def data_fingerprint(manifest: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def graph_params(config: KNNConfig, manifest: Any) -> dict[str, Any]:
+def graph_params(config: KNNConfig, manifest: Any, inputs: str) -> dict[str, Any]:
     """The parameters that determine the graph's content (compared by :func:`is_complete`).
 
-    Exact (``flat``) graphs do not depend on the number of workers; approximate ones do (one
-    index per id range).
+    ``inputs`` is :func:`~dist_fair.data.shards.shard_set_digest` of the shard folder (the bytes
+    actually read). Exact (``flat``) graphs do not depend on the number of workers; approximate
+    ones do (one index per id range).
     """
     config = replace(config, index=resolve_kind(config.index, manifest.num_samples, manifest.dim))
     params: dict[str, Any] = {"format": FORMAT, "k": config.k, "index": config.index,
-                              "normalized": True, "data": data_fingerprint(manifest)}
+                              "normalized": True, "data": data_fingerprint(manifest), "inputs": inputs}
     if config.index != "flat":
         params.update(workers=config.workers, seed=config.seed, gpu=config.gpu)
-    if config.index in ("ivf", "ivfpq"):
+    if config.index in ("ivf", "ivfpq", "ivfpq_fs"):
         params.update(nlist=config.nlist, nprobe=config.nprobe, train_size=config.train_size)
     if config.index == "ivf":
         params.update(ivf_search=config.ivf_search)
     if config.index != "flat":
         params.update(symmetrize=config.symmetrize)
-    if config.index == "ivfpq":
+    if config.index in ("ivfpq", "ivfpq_fs"):
         params.update(pq_m=config.pq_m, rerank=config.rerank)
     if config.index == "hnsw":
         params.update(hnsw_m=config.hnsw_m, ef_construction=config.ef_construction, ef_search=config.ef_search)
@@ -194,6 +200,30 @@ def iter_query_blocks(shard_dir: str | Path, rows: int) -> Iterator[tuple[np.nda
                 ids_parts, emb_parts, ident_parts, held = [], [], [], 0
     if held:
         yield np.concatenate(ids_parts), np.concatenate(emb_parts), np.concatenate(ident_parts)
+
+
+def brute_force_topk(shard_dir: str | Path, query_ids: np.ndarray, queries: np.ndarray, k: int,
+                     rows: int = 4096) -> np.ndarray:
+    """Reference top-k (global ids) of some queries over every sample, in numpy only.
+
+    ``s_ij`` = float64 inner product of the L2-normalised float32 rows, rounded to float32; each
+    row: the query itself first, then decreasing ``s_ij``, ties by lower id (the graph's order,
+    METHODS.md §3). Used to measure the recall of exact graphs independently of FAISS.
+    """
+    q64 = np.asarray(queries, np.float64)
+    nq = q64.shape[0]
+    best_ids = np.zeros((nq, 0), np.int64)
+    best_key = np.zeros((nq, 0), np.float64)
+    for ids, emb, _ in iter_query_blocks(shard_dir, rows):
+        x = normalize_rows(emb, first_id=int(ids[0]), where="recall reference").astype(np.float64)
+        key = -(q64 @ x.T).astype(np.float32).astype(np.float64)
+        key[np.asarray(query_ids)[:, None] == ids[None, :]] = -np.inf  # the query itself first
+        all_ids = np.concatenate([best_ids, np.broadcast_to(ids, (nq, ids.size))], axis=1)
+        all_key = np.concatenate([best_key, key], axis=1)
+        order = np.lexsort((all_ids, all_key), axis=1)[:, :k]
+        best_ids = np.take_along_axis(all_ids, order, axis=1)
+        best_key = np.take_along_axis(all_key, order, axis=1)
+    return best_ids
 
 
 def _self_similarities(queries: np.ndarray) -> np.ndarray:
@@ -314,7 +344,7 @@ def build_knn_graph(shard_dir: str | Path, out_dir: str | Path, config: KNNConfi
     import ray
     from tqdm.auto import tqdm
 
-    from dist_fair.data.shards import read_manifest
+    from dist_fair.data.shards import read_manifest, shard_set_digest
     from dist_fair.ray_runtime import init_ray
 
     t_total = time.perf_counter()
@@ -330,7 +360,8 @@ def build_knn_graph(shard_dir: str | Path, out_dir: str | Path, config: KNNConfi
     spec = IndexSpec.from_config(config)
     ranges = partition_rows(n, config.workers)
     shard_params = [resolve_params(spec, stop - start, dim) for start, stop in ranges]  # fail before Ray work
-    params = graph_params(config, manifest)
+    inputs = shard_set_digest(shard_dir)  # every file hashed (and verified) before any work
+    params = graph_params(config, manifest, inputs)
     if resume and is_complete(out_dir, params):
         info = json.loads((out_dir / INFO_NAME).read_text(encoding="utf-8"))
         LOG.info("kNN graph in %s is complete for these parameters; reusing it", out_dir)
@@ -357,7 +388,7 @@ def build_knn_graph(shard_dir: str | Path, out_dir: str | Path, config: KNNConfi
         for key in ("load_s", "train_s", "add_s"):
             timings[key] = max(float(s.get(key, 0.0)) for s in build_stats)
 
-        sample_ids = sample_query_ids(n, config.recall_sample if config.index != "flat" else 0, config.seed)
+        sample_ids = sample_query_ids(n, config.recall_sample, config.seed)
         sample_q = np.zeros((sample_ids.size, dim), np.float32)
         identity = np.full(n, -1, np.int64)
         nbrs = np.lib.format.open_memmap(tmp_nbrs, mode="w+", dtype=np.int64, shape=(n, k))
@@ -420,9 +451,19 @@ def build_knn_graph(shard_dir: str | Path, out_dir: str | Path, config: KNNConfi
         timings["write_s"] = write_s + time.perf_counter() - t
 
         recall: dict[str, Any] = {"sample": int(sample_ids.size), "seed": config.seed}
-        if config.index == "flat":
-            recall.update(exact=True, recall_at_k=1.0, same_identity_recall=1.0 if (identity >= 0).any() else None,
-                          sample=0, note="flat search is exact; no sample needed")
+        if config.index == "flat" and sample_ids.size:
+            t = time.perf_counter()
+            reference = brute_force_topk(shard_dir, sample_ids, sample_q, k, min(config.query_block, 4096))
+            approx = np.load(out_dir / NBRS_NAME, mmap_mode="r")[sample_ids]
+            recall.update(exact=True, reference="numpy brute force (float64 inner products)",
+                          recall_at_k=recall_at_k(approx, reference),
+                          same_identity_recall=same_identity_recall(approx, reference, sample_ids, identity),
+                          sample_ids=sample_ids.tolist(),
+                          note="flat search is exact by construction; measured on the sample against numpy")
+            timings["recall_s"] = time.perf_counter() - t
+        elif config.index == "flat":
+            recall.update(exact=True, recall_at_k=None, same_identity_recall=None,
+                          note="flat search is exact by construction; not measured (recall_sample = 0)")
         elif sample_ids.size:
             t = time.perf_counter()
             ref = ray.put(sample_q)
