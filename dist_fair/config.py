@@ -75,7 +75,9 @@ class DataConfig:
 class KNNConfig:
     """kNN graph (METHODS.md §3): FAISS index shards on Ray actors, per-shard top-k merged
     (``dist_fair.knn.build_knn_graph``). ``index``: auto (flat when N^2 * dim <= 2e12, else hnsw) |
-    flat (exact) | ivf | hnsw | ivfpq; ``workers``:
+    flat (exact) | ivf | hnsw | ivfpq | ivfpq_fs (FAISS 4-bit PQ fast-scan + exact re-ranking);
+    ``nprobe``/``pq_m``/``rerank`` null = the index kind's default
+    (``dist_fair.knn.indexes.KIND_DEFAULTS``); ``workers``:
     index actors, one contiguous id range each; ``nlist``/``train_size`` apply per index shard
     (null = ~4*sqrt(rows) lists, 40*nlist training rows); ``recall_sample`` random queries are
     checked against exact search; ``cpus_per_worker`` null = the cluster's CPUs / workers;
@@ -90,12 +92,12 @@ class KNNConfig:
     workers: int = 1
     query_block: int = 16384
     nlist: int | None = None
-    nprobe: int = 16
+    nprobe: int | None = None
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 128
-    pq_m: int = 32
-    rerank: int = 4
+    pq_m: int | None = None
+    rerank: int | None = None
     recall_sample: int = 1000
     gpu: str = "auto"
     train_size: int | None = None
@@ -109,17 +111,19 @@ class KNNConfig:
     def __post_init__(self) -> None:
         _choice(self.ivf_search, ["lists", "faiss"], "knn.ivf_search")
         _require(self.k >= 2, "knn.k", "must be >= 2 (the sample itself is neighbour 0)")
-        _choice(self.index, ["auto", "flat", "ivf", "hnsw", "ivfpq"], "knn.index")
+        _choice(self.index, ["auto", "flat", "ivf", "hnsw", "ivfpq", "ivfpq_fs"], "knn.index")
         _require(self.workers >= 1, "knn.workers", "must be >= 1")
         _require(self.query_block >= 1, "knn.query_block", "must be >= 1")
         _require(self.nlist is None or self.nlist >= 1, "knn.nlist", "must be >= 1 or null (automatic: ~4*sqrt(N))")
-        _require(self.nprobe >= 1, "knn.nprobe", "must be >= 1")
-        _require(self.rerank >= 1, "knn.rerank", "must be >= 1 (candidates re-ranked = rerank * k)")
+        _require(self.nprobe is None or self.nprobe >= 1, "knn.nprobe", "must be >= 1 or null (the index's default)")
+        _require(self.rerank is None or self.rerank >= 1, "knn.rerank",
+                 "must be >= 1 (candidates re-ranked = rerank * k) or null (the index's default)")
         _require(self.recall_sample >= 0, "knn.recall_sample", "must be >= 0 (0 skips the recall check)")
         _choice(self.gpu, ["auto", "yes", "no"], "knn.gpu")
         _require(self.hnsw_m >= 2, "knn.hnsw_m", "must be >= 2 (HNSW links per node)")
         _require(self.ef_construction >= 1 and self.ef_search >= 1, "knn.ef_construction/ef_search", "must be >= 1")
-        _require(self.pq_m >= 1, "knn.pq_m", "must be >= 1 (and divide the embedding dimension)")
+        _require(self.pq_m is None or self.pq_m >= 1, "knn.pq_m",
+                 "must be >= 1 (and divide the embedding dimension) or null (the index's default)")
         _require(self.train_size is None or self.train_size >= 1, "knn.train_size",
                  "must be >= 1 or null (automatic: 40 * nlist rows of each index shard)")
         _require(self.cpus_per_worker is None or self.cpus_per_worker > 0, "knn.cpus_per_worker",

@@ -16,8 +16,9 @@ faiss' float32 rounding error for unit vectors) might be missing a tied or nearl
 such rows are re-searched exhaustively, keeping every vector whose float32 score is within
 ``2 eps`` of the k-th (:func:`exact_topk`). The result is the exact top-k under the order above.
 
-Approximate modes (``ivf``, ``hnsw``, ``ivfpq``) keep faiss' own float32 scores (exact inner
-products of the candidates they visited; ``ivfpq`` re-ranks against raw vectors) and the same
+Approximate modes (``ivf``, ``hnsw``, ``ivfpq``, ``ivfpq_fs``) keep faiss' own float32 scores
+(exact inner products of the candidates they visited; ``ivfpq`` and ``ivfpq_fs`` re-rank their PQ
+candidates against the raw vectors) and the same
 order; they are deterministic for a given configuration and number of shards. A row for which an
 approximate index found fewer than ``min(k, n)`` vectors is searched exhaustively instead, so no
 row is ever incomplete.
