@@ -115,3 +115,52 @@ def test_command_module_imports_only_the_standard_library():
     help_text = subprocess.run([sys.executable, "-m", "dist_fair.cli", "evaluate", "--help"],
                                check=True, capture_output=True, text=True).stdout
     assert "--pred" in help_text and "--group" in help_text
+
+
+def _flip_identity_byte(shard_dir, shard_index=0):
+    import tarfile
+
+    from dist_fair.data.shards import read_manifest
+
+    path = shard_dir / read_manifest(shard_dir).shards[shard_index].name
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar if m.name.endswith(".identity.npy"))
+    data = bytearray(path.read_bytes())
+    data[member.offset_data + 200] ^= 0x01  # inside the int64 identities, past the .npy header
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_flipped_byte_in_identity_fails(shard_case, tmp_path, capsys):
+    """Issue 16: a flipped byte in identity.npy used to change the metrics with exit code 0."""
+    import shutil
+
+    source, pred, _, _ = shard_case
+    shard_dir = tmp_path / "shards"
+    shutil.copytree(source, shard_dir)
+    victim = _flip_identity_byte(shard_dir)
+    np.save(tmp_path / "labels.npy", pred)
+    out = tmp_path / "r.json"
+    assert run_cli("--shards", shard_dir, "--pred", tmp_path / "labels.npy", "--out", out) == 1
+    err = capsys.readouterr().err
+    assert f"{victim.name}: sha256 mismatch" in err and "rewrite it" in err and not out.exists()
+    assert run_cli("--shards", shard_dir, "--pred", tmp_path / "labels.npy", "--out", out, "--no-verify") == 0
+    assert out.exists()
+
+
+def test_noise_labels_are_singletons_end_to_end(shard_case, tmp_path):
+    shard_dir, pred, identity, attrs = shard_case
+    noisy = pred.astype(np.int64)
+    noisy[np.random.default_rng(1).random(N) < 0.3] = -1
+    np.save(tmp_path / "labels.npy", noisy)
+    out = tmp_path / "r.json"
+    assert run_cli("--shards", shard_dir, "--pred", tmp_path / "labels.npy", "--out", out) == 0
+    report = json.loads(out.read_text())
+    fresh = noisy.copy()  # reference: each -1 relabelled as a fresh cluster id
+    fresh[noisy < 0] = noisy.max() + 1 + np.arange((noisy < 0).sum())
+    expected = evaluate_labels(fresh, identity, attrs=attrs,
+                               attribute_names={"race": RACES, "gender": ["male", "female"]})
+    assert report["inputs"]["noise_samples"] == int((noisy < 0).sum())
+    report.pop("inputs")
+    assert report == json.loads(json.dumps(expected))
+    assert report["num_clusters"] == np.unique(noisy[noisy >= 0]).size + (noisy < 0).sum()

@@ -20,7 +20,7 @@ from dist_fair.eval.contingency import contingency_table, relabel
 TOL = 1e-9
 SEEDS = [0, 1, 2]
 SIZES = [1, 2, 7, 60, 240]
-KINDS = ["random", "huge_values", "singletons", "one_cluster", "perfect", "noisy", "unsigned"]
+KINDS = ["random", "huge_values", "singletons", "one_cluster", "perfect", "noisy", "unsigned", "dbscan_noise"]
 
 
 # --------------------------------------------------------------------------- cases
@@ -49,6 +49,9 @@ def make_case(kind: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.
         pred[rng.random(n) < 0.1] = rng.integers(0, 3, 1)[0]
         strays = rng.random(n) < 0.1
         pred[strays] = 10 * n + np.arange(strays.sum())
+    elif kind == "dbscan_noise":  # HDBSCAN / DBSCAN output: clusters plus many -1 (noise)
+        pred = true.copy()
+        pred[rng.random(n) < 0.4] = -1
     elif kind == "unsigned":
         true = (true.astype(np.uint64) + np.uint64(2**63 + 5))
         pred = rng.integers(0, max(1, n // 3), n).astype(np.uint8)
@@ -69,6 +72,17 @@ def table_path(request, monkeypatch):
 
 
 # --------------------------------------------------------------------------- references
+def ref_singletons(pred):
+    """METHODS.md §7 last bullet, written out: every negative predicted label becomes a fresh cluster id."""
+    out = [int(v) for v in pred]
+    fresh = max([v for v in out if v >= 0], default=-1) + 1
+    for i, v in enumerate(out):
+        if v < 0:
+            out[i] = fresh
+            fresh += 1
+    return np.array(out, dtype=object if fresh > 2**62 else np.int64)
+
+
 def ref_pairwise(true, pred):
     same_true = true[:, None] == true[None, :]
     same_pred = pred[:, None] == pred[None, :]
@@ -140,10 +154,11 @@ def ref_fwd(pred, groups):
 @pytest.mark.parametrize("kind", KINDS)
 def test_identity_metrics_match_references(kind, n, seed, table_path):
     true, pred, _ = make_case(kind, n, seed)
-    np.testing.assert_allclose(metrics.pairwise_fscore(true, pred), ref_pairwise(true, pred), atol=TOL)
-    np.testing.assert_allclose(metrics.bcubed_fscore(true, pred), ref_bcubed(true, pred), atol=TOL)
-    assert metrics.nmi(true, pred) == pytest.approx(normalized_mutual_info_score(true, pred), abs=TOL)
-    assert metrics.accuracy(true, pred) == pytest.approx(ref_accuracy(true, pred), abs=TOL)
+    ref = ref_singletons(pred)
+    np.testing.assert_allclose(metrics.pairwise_fscore(true, pred), ref_pairwise(true, ref), atol=TOL)
+    np.testing.assert_allclose(metrics.bcubed_fscore(true, pred), ref_bcubed(true, ref), atol=TOL)
+    assert metrics.nmi(true, pred) == pytest.approx(normalized_mutual_info_score(true, ref), abs=TOL)
+    assert metrics.accuracy(true, pred) == pytest.approx(ref_accuracy(true, ref), abs=TOL)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -151,9 +166,10 @@ def test_identity_metrics_match_references(kind, n, seed, table_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_group_metrics_match_references(kind, n, seed, table_path):
     _, pred, groups = make_case(kind, n, seed)
-    assert metrics.balance(pred, groups) == pytest.approx(ref_balance(pred, groups), abs=TOL)
-    assert metrics.fairness(pred, groups) == pytest.approx(ref_fairness(pred, groups), abs=TOL)
-    assert metrics.fwd(pred, groups) == pytest.approx(ref_fwd(pred, groups), abs=TOL)
+    ref = ref_singletons(pred)
+    assert metrics.balance(pred, groups) == pytest.approx(ref_balance(ref, groups), abs=TOL)
+    assert metrics.fairness(pred, groups) == pytest.approx(ref_fairness(ref, groups), abs=TOL)
+    assert metrics.fwd(pred, groups) == pytest.approx(ref_fwd(ref, groups), abs=TOL)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -297,12 +313,13 @@ def test_contingency_counts_match_dense_table(table_path):
 
 # --------------------------------------------------------------------------- per-group scores
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("kind", ["random", "noisy", "huge_values", "singletons"])
+@pytest.mark.parametrize("kind", ["random", "noisy", "huge_values", "singletons", "dbscan_noise"])
 def test_per_group_scores_match_restricted_references(kind, seed):
     true, pred, groups = make_case(kind, 180, seed)
+    pred_raw, pred = pred, ref_singletons(pred)
     values = np.unique(groups)
     names = {v: f"group{i}" for i, v in enumerate(values.tolist())}
-    scores = metrics.per_group_scores(true, pred, groups, group_names=names)
+    scores = metrics.per_group_scores(true, pred_raw, groups, group_names=names)
     assert list(scores["groups"]) == [names[v] for v in values.tolist()]
     ref_f = {"pairwise": [], "bcubed": []}
     for value in values:
@@ -348,3 +365,19 @@ def test_bad_inputs_raise_data_error_naming_the_argument():
         metrics.fairness([0, 1, 2], [0, 1, 2], [0.5, 0.5, 0.5])
     with pytest.raises(DataError, match=r"rho: no target proportion for group"):
         metrics.fairness([0, 1], [0, 1], {0: 1.0})
+
+
+def test_noise_labels_are_singletons_not_one_cluster():
+    """Issue 16: all -1 (HDBSCAN noise) used to form one giant cluster."""
+    true = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([-1, -1, 5, 5, -1, -1])
+    groups = np.array([0, 1, 0, 1, 0, 1])
+    assert metrics.pairwise_fscore(true, pred) == pytest.approx((1.0, 1 / 3, 0.5))
+    assert metrics.bcubed_fscore(true, pred)[0] == 1.0  # no wrong link: noise points link nothing
+    assert metrics.balance(pred, groups) == 0.0  # a singleton misses a group
+    from dist_fair.eval.contingency import noise_as_singletons
+
+    assert noise_as_singletons(pred).tolist() == [6, 7, 5, 5, 8, 9]
+    assert noise_as_singletons(np.array([3, 1])).tolist() == [3, 1]
+    big = np.array([np.iinfo(np.int64).max, -1, -1])
+    assert len(set(noise_as_singletons(big).tolist())) == 3

@@ -1,8 +1,12 @@
 """``dist-fair evaluate``: score predicted cluster labels against a shard folder's labels.
 
     dist-fair evaluate --shards DIR --pred labels.npy [--group race ...] --out report.json [--md] [--plot]
+                       [--no-verify]
 
-``labels.npy`` holds one integer cluster id per sample, in manifest id order (row i is sample i).
+``labels.npy`` holds one integer cluster id per sample, in manifest id order (row i is sample i);
+a negative id (-1, the noise label of DBSCAN / HDBSCAN) makes that sample a singleton cluster
+(METHODS.md §7). The shard files are checked against their manifest sha256 first (``--no-verify``
+skips it).
 The report (METHODS.md §7) goes to ``--out``; ``--md`` and ``--plot`` add ``<out stem>.md`` and
 ``<out stem>.png`` next to it. Only the standard library is imported at module level.
 """
@@ -17,7 +21,8 @@ DESCRIPTION = (
     "Evaluate a clustering (labels.npy: one integer cluster id per sample, in manifest id order) "
     "against the identities and protected attributes stored in a shard folder. Samples with unknown "
     "identity (-1) are left out of the identity metrics, samples with unknown group (-1) out of that "
-    "attribute's metrics."
+    "attribute's metrics. A negative predicted cluster id (-1 = noise of DBSCAN / HDBSCAN) makes that "
+    "sample its own singleton cluster."
 )
 
 
@@ -33,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default=None, help="report title (default: from the file names)")
     parser.add_argument("--no-accuracy", action="store_true",
                         help="skip ACC (Hungarian matching), the slowest metric on very large inputs")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not check the shard files against their manifest sha256 (default: checked; a "
+                             "mismatch is an error). Only if you accept wrong metrics from a corrupt file")
 
 
 def load_predictions(path: str | Path, num_samples: int, shard_dir: str | Path) -> Any:
@@ -77,10 +85,12 @@ def load_predictions(path: str | Path, num_samples: int, shard_dir: str | Path) 
 def main(args: argparse.Namespace) -> int:
     import time
 
-    from dist_fair.data.shards import load_labels, read_manifest
+    from dist_fair.data.shards import load_labels, read_manifest, set_shard_verification
     from dist_fair.errors import DataError
     from dist_fair.eval.report import evaluate_labels, write_report_files
 
+    if getattr(args, "no_verify", False):
+        set_shard_verification(False)
     start = time.perf_counter()
     manifest = read_manifest(args.shards)
     if args.group:
@@ -93,6 +103,7 @@ def main(args: argparse.Namespace) -> int:
     report = evaluate_labels(pred, labels.identity, args.group, attrs=labels.attrs,
                              attribute_names=labels.attribute_names, with_accuracy=not args.no_accuracy)
     report["inputs"] = {"shards": str(args.shards), "pred": str(args.pred),
+                        "noise_samples": int((pred < 0).sum()) if pred.dtype.kind == "i" else 0,
                         "seconds": round(time.perf_counter() - start, 3)}
     out = Path(args.out)
     title = args.title or f"Evaluation of {Path(args.pred).name} on {Path(args.shards).name}"

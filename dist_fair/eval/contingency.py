@@ -9,6 +9,10 @@ sort path (the sort is the only super-linear step in :mod:`dist_fair.eval`).
 Labels may be any integers (negative, huge, unsigned): they are first mapped to ``0..K-1`` in
 sorted order of their values (what ``np.unique(return_inverse=True)`` gives; a ``bincount`` lookup
 table replaces the sort when the value range is at most a few times ``N``).
+
+Predicted labels have one more rule (METHODS.md §7, last bullet): a negative predicted label (-1,
+the noise label of DBSCAN / HDBSCAN) means "unclustered", so :func:`noise_as_singletons` gives each
+such sample its own fresh cluster id before any metric sees it.
 """
 from __future__ import annotations
 
@@ -52,6 +56,32 @@ def check_labels(values: Any, name: str) -> np.ndarray:
         raise DataError(f"{name}: labels must have an integer dtype, got {arr.dtype}; convert with "
                         f"np.asarray({name}).astype(np.int64) if the values are whole numbers")
     return arr
+
+
+def noise_as_singletons(pred: np.ndarray) -> np.ndarray:
+    """Predicted labels with every negative entry replaced by a fresh cluster id of its own.
+
+    Non-negative labels keep their values; the k-th negative entry (in sample order) becomes
+    ``max(non-negative labels, -1) + 1 + k`` (METHODS.md §7: noise samples are singletons, never
+    one cluster together). Returns the input unchanged when nothing is negative.
+    """
+    pred = np.asarray(pred)
+    if pred.dtype.kind == "u" or pred.size == 0:
+        return pred
+    noise = pred < 0
+    count = int(noise.sum())
+    if not count:
+        return pred
+    out = pred.astype(np.int64, copy=True)
+    clustered = out[~noise]
+    base = int(clustered.max()) + 1 if clustered.size else 0
+    if base > np.iinfo(np.int64).max - count:  # no room above the largest id: renumber everything
+        codes, values = relabel(clustered)
+        out[~noise] = codes
+        base = int(values.size)
+    out[noise] = base + np.arange(count, dtype=np.int64)
+    LOG.debug("%d samples with a negative (noise) predicted label are singleton clusters", count)
+    return out
 
 
 def check_same_length(**arrays: np.ndarray) -> int:

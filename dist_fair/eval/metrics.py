@@ -1,10 +1,12 @@
 """Clustering quality and fairness metrics (METHODS.md §7), as pure functions over label arrays.
 
 Every function takes 1-D integer label arrays (one entry per sample, all in the same sample
-order). Labels may be any integers - negative, huge, unsigned, with gaps - and every distinct value
-is one class / cluster / group (there is no "noise" value: give samples that should count as
-unclustered their own singleton ids, and drop samples with unknown ground truth before calling;
-:func:`dist_fair.eval.report.evaluate_labels` does that for ``-1``).
+order). Labels may be any integers - huge, unsigned, with gaps - and every distinct value is one
+class / group. Predicted clusters follow METHODS.md §7's last bullet: a *negative* predicted label
+(-1, the noise label of DBSCAN / HDBSCAN) means unclustered, and each such sample is its own
+singleton cluster (:func:`~dist_fair.eval.contingency.noise_as_singletons`), never one cluster
+together. Drop samples with unknown ground truth before calling
+(:func:`dist_fair.eval.report.evaluate_labels` does that for ``-1``).
 
 Cost: everything goes through a sparse contingency table (:mod:`dist_fair.eval.contingency`), so
 memory is O(N + nnz) with nnz the number of non-zero cells ``n_ij``; there is no N x N and no dense
@@ -40,6 +42,7 @@ from dist_fair.eval.contingency import (
     check_same_length,
     contingency_from_codes,
     contingency_table,
+    noise_as_singletons,
     relabel,
 )
 
@@ -60,6 +63,11 @@ def harmonic_f(precision: float, recall: float) -> float:
 
 
 # --------------------------------------------------------------------------- identity quality
+def _true_pred_table(true: Any, pred: Any) -> Contingency:
+    """(true x pred) contingency, negative predicted labels as singleton clusters."""
+    return contingency_table(true, noise_as_singletons(check_labels(pred, "pred")), "true", "pred")
+
+
 def pairwise_from_contingency(table: Contingency) -> tuple[float, float, float]:
     """Pairwise precision, recall and F from a (true x pred) contingency; see :func:`pairwise_fscore`."""
     n = table.num_samples
@@ -82,12 +90,13 @@ def pairwise_fscore(true: Any, pred: Any) -> tuple[float, float, float]:
 
     Args:
         true: ground-truth class per sample (1-D integers).
-        pred: predicted cluster per sample (1-D integers, same length).
+        pred: predicted cluster per sample (1-D integers, same length; negative = noise, each a
+            singleton).
 
     Returns:
         ``(precision, recall, f)`` as floats.
     """
-    return pairwise_from_contingency(contingency_table(true, pred, "true", "pred"))
+    return pairwise_from_contingency(_true_pred_table(true, pred))
 
 
 def bcubed_from_contingency(table: Contingency) -> tuple[float, float, float]:
@@ -109,7 +118,7 @@ def bcubed_fscore(true: Any, pred: Any) -> tuple[float, float, float]:
     Returns:
         ``(precision, recall, f)`` as floats.
     """
-    return bcubed_from_contingency(contingency_table(true, pred, "true", "pred"))
+    return bcubed_from_contingency(_true_pred_table(true, pred))
 
 
 def _entropy(sizes: np.ndarray, n: int) -> float:
@@ -148,7 +157,7 @@ def nmi(true: Any, pred: Any) -> float:
     ``NMI = MI / ((H(true) + H(pred)) / 2)``; 1 when both labelings have one class, 0 when
     ``MI = 0`` otherwise (METHODS.md §7).
     """
-    return nmi_from_contingency(contingency_table(true, pred, "true", "pred"))
+    return nmi_from_contingency(_true_pred_table(true, pred))
 
 
 def _top_two(keys: np.ndarray, counts: np.ndarray, num_keys: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -245,13 +254,14 @@ def accuracy(true: Any, pred: Any) -> float:
     matched once, so the minimum total weight is ``R w0 - (best matched overlap)``. Memory
     O(nnz + min(R, C)).
     """
-    return accuracy_from_contingency(contingency_table(true, pred, "true", "pred"))
+    return accuracy_from_contingency(_true_pred_table(true, pred))
 
 
 # --------------------------------------------------------------------------- group fairness
 def cluster_group_table(pred: Any, groups: Any) -> Contingency:
-    """Sparse (cluster x group) contingency: rows are clusters, columns the T groups present."""
-    return contingency_table(pred, groups, "pred", "groups")
+    """Sparse (cluster x group) contingency: rows are clusters (negative labels: one singleton
+    cluster each), columns the T groups present."""
+    return contingency_table(noise_as_singletons(check_labels(pred, "pred")), groups, "pred", "groups")
 
 
 def _row_starts(table: Contingency) -> np.ndarray:
@@ -398,7 +408,7 @@ def per_group_scores(true: Any, pred: Any, groups: Any,
         groups in increasing order of their values.
     """
     true = check_labels(true, "true")
-    pred = check_labels(pred, "pred")
+    pred = noise_as_singletons(check_labels(pred, "pred"))
     groups = check_labels(groups, "groups")
     check_same_length(true=true, pred=pred, groups=groups)
     group_codes, group_values = relabel(groups)
