@@ -44,11 +44,26 @@ class RayConfig:
 
 @dataclass
 class DataConfig:
-    """Where samples come from. ``source=synth`` generates BUPT-style embeddings (METHODS.md §2);
-    ``source=shards`` uses an existing shard folder given in ``shards``."""
+    """Where samples come from (the pipeline's shards stage).
+
+    ``source``: ``synth`` generates BUPT-style embeddings (METHODS.md §2; ``preset``,
+    ``identities``, ``images_per_identity``, ``dim``, ``seed``); ``shards`` uses an existing shard
+    folder given in ``shards`` (e.g. written by ``dist-fair shards`` or ``dist-fair embed``);
+    ``digits`` writes MNIST-USPS / Reverse-MNIST (``dataset``) from the ``mnist_usps.npz`` at
+    ``path`` (``limit``: at most this many images per source); ``table`` writes a CSV table at
+    ``path`` with the ``protected`` column(s), the ``label`` column as identity and the
+    ``features`` columns (null = every numeric column; ``limit``: the first rows only). Relative
+    paths are relative to the working directory. ``block_rows``/``shard_rows``: rows per tar
+    sample and per shard file; ``workers``: parallel shard writers (Ray tasks)."""
 
     source: str = "synth"
     shards: str | None = None
+    path: str | None = None
+    dataset: str = "mnist_usps"
+    limit: int | None = None
+    protected: list[str] = field(default_factory=list)
+    label: str | None = None
+    features: list[str] | None = None
     preset: str = "balanced"
     identities: int = 1000
     images_per_identity: float = 20.0
@@ -59,10 +74,17 @@ class DataConfig:
     workers: int = 2
 
     def __post_init__(self) -> None:
-        _choice(self.source, ["synth", "shards"], "data.source")
+        _choice(self.source, ["synth", "shards", "digits", "table"], "data.source")
         _choice(self.preset, ["balanced", "global", "skewed"], "data.preset")
+        _choice(self.dataset, ["mnist_usps", "reverse_mnist"], "data.dataset")
         _require(self.source != "shards" or bool(self.shards), "data.shards",
                  "is required when data.source=shards (a folder holding manifest.json)")
+        _require(self.source not in ("digits", "table") or bool(self.path), "data.path",
+                 f"is required when data.source={self.source} (the {'mnist_usps.npz' if self.source == 'digits' else 'CSV'}"
+                 " file, e.g. ../shared/data/digits/mnist_usps.npz)")
+        _require(self.source != "table" or bool(self.protected), "data.protected",
+                 "is required when data.source=table (the protected column(s), e.g. [sex])")
+        _require(self.limit is None or self.limit >= 1, "data.limit", "must be >= 1 or null (everything)")
         _require(self.identities >= 2, "data.identities", "must be >= 2")
         _require(self.images_per_identity >= 2, "data.images_per_identity", "must be >= 2 (mean images per identity)")
         _require(self.dim >= 2, "data.dim", "must be >= 2")
@@ -185,8 +207,10 @@ class TrainConfig:
     ``checkpoint_every`` counts optimizer steps (0 = at the end of every epoch only); ``log_every``
     steps between records in ``metrics.jsonl``; ``prefetch`` batches read ahead per worker;
     ``placement`` is Ray's placement strategy (``SPREAD``: workers on different nodes).
-    ``model=probe`` is the built-in MLP probe (embeddings -> identity) that exercises the engine;
-    ``hidden`` is its hidden width (0 = linear).
+    ``model`` names a registered model (``dist_fair/models/registry.py``) or ``none`` (the kNN +
+    threshold baseline alone); ``model=probe`` is the built-in MLP probe (embeddings -> identity)
+    that exercises the engine (``dist-fair train`` only); ``hidden`` is its hidden width (0 = linear).
+    The defaults are the main job: the Intraformer with the purity penalty on 2 workers, ZeRO-1.
 
     ``model=intraformer`` / ``clusformer`` (METHODS.md §4, ``dist_fair/models/intraformer.py``):
     sequences of ``seq_len`` tokens (null = knn.k), model ``width``/``heads``/``layers``,
@@ -197,25 +221,30 @@ class TrainConfig:
     BCE (default 1: with FM alone the edge probabilities saturate at 1 and training can stall);
     the Clusformer uses BCE. ``train_fraction`` of the non-validation identities trains, the
     rest is the test split; ``samples_per_epoch`` caps anchors per epoch; ``eval_anchors``
-    validation anchors are evaluated after every epoch."""
+    validation anchors are evaluated after every epoch.
 
-    model: str = "none"
-    deepspeed: str = "zero0_cpu"
-    workers: int = 1
+    Deep clustering models (``dec`` .. ``fairoids``, METHODS.md §5) read their hyper-parameters from
+    the ``deep`` section and their protected attribute from ``group_attribute``; ``epochs``,
+    ``batch_size``, ``lr``, ``weight_decay`` (AdamW's decoupled decay) are those of their
+    clustering phase."""
+
+    model: str = "intraformer"
+    deepspeed: str = "zero1_cpu"
+    workers: int = 2
     cpus_per_worker: int = 1
     placement: str = "PACK"
-    epochs: int = 2
-    batch_size: int = 256
-    lr: float = 3e-4
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 1e-3
     weight_decay: float = 0.0
     precision: str = "fp32"
     checkpoint_every: int = 0
     max_failures: int = 2
-    log_every: int = 50
+    log_every: int = 20
     prefetch: int = 4
     hidden: int = 256
     seed: int = 0
-    seq_len: int | None = None
+    seq_len: int | None = 40
     width: int = 64
     heads: int = 4
     layers: int = 1
@@ -232,8 +261,9 @@ class TrainConfig:
     eval_anchors: int = 1024
 
     def __post_init__(self) -> None:
-        _choice(self.model, ["none", "probe", "intraformer", "clusformer", "dec", "imsat", "dfdc", "fair_dec",
-                             "fairoids"], "train.model")
+        from dist_fair.models.registry import model_names
+
+        _choice(self.model, ["none", *model_names()], "train.model")
         _require(bool(self.deepspeed), "train.deepspeed", "name a file in launch/deepspeed/ (e.g. zero2_cpu) or give a path")
         _require(self.workers >= 1, "train.workers", "must be >= 1")
         _require(self.cpus_per_worker >= 1, "train.cpus_per_worker", "must be >= 1")
@@ -271,12 +301,73 @@ class TrainConfig:
 
 
 @dataclass
-class FairConfig:
-    """Global fair assignment (METHODS.md §6; ``dist_fair.fair.fair_assign``). ``method``: auto (=
-    auction: scalable, exact, certified by a duality gap) | exact (network simplex, dense) | lp
-    (HiGHS); ``top_m``: candidate clusters per sample (null = all); ``rho``: target proportions
-    (null = population); ``workers``: Ray actors when the assignment runs on its own (1 = in process)."""
+class DeepConfig:
+    """Hyper-parameters of the deep (fair) clustering models (METHODS.md §5; ``train.model`` dec,
+    imsat, dfdc, fair_dec, fairoids; ``dist_fair/deep/task.py``). One name per parameter:
 
+    - ``n_clusters``: K (null = the number of identities in the manifest);
+    - IMSAT / DFDC: network ``backbone`` (mlp | conv | a timm name) with ``hidden`` widths (mlp) and
+      ``image_shape`` (flat rows reshaped for conv/timm, e.g. [1, 28, 28]); loss
+      ``H(Y|X) - mu H(Y) + gamma L_Aug`` with the VAT radius ``vat_eps`` and power-iteration step
+      ``vat_xi`` (eq 6.5: mu = gamma = 1);
+    - DEC family (dec, fair_dec, fairoids): autoencoder ``ae_hidden`` (DEC: 500-500-2000) to a
+      ``latent_dim`` code (null = K), pre-trained for ``ae_epochs`` at ``ae_lr`` (null = train.lr);
+      centroids by distributed k-means on the codes (``kmeans_sample`` rows for k-means++,
+      ``kmeans_iters`` Lloyd iterations over all rows);
+    - ``alpha``: the weight-decay term ``alpha sum ||theta||^2`` of eq 6.5 added to the loss
+      (Table 6.2: 1e-4);
+    - DFDC / Fair-DEC: ``pretrain_epochs`` epochs of the base loss, then ``+ beta L_Fair`` with the
+      global fair assignment (section ``fair``) recomputed for all N samples after every epoch;
+      Fairoids: ``+ beta KL(S || R)`` (beta is the seed's lambda)."""
+
+    n_clusters: int | None = None
+    backbone: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    image_shape: list[int] | None = None
+    latent_dim: int | None = None
+    ae_hidden: list[int] = field(default_factory=lambda: [500, 500, 2000])
+    ae_epochs: int = 10
+    ae_lr: float | None = None
+    pretrain_epochs: int = 0
+    beta: float = 4.0
+    gamma: float = 1.0
+    mu: float = 1.0
+    alpha: float = 0.0
+    vat_eps: float = 1.0
+    vat_xi: float = 10.0
+    kmeans_sample: int = 20000
+    kmeans_iters: int = 20
+
+    def __post_init__(self) -> None:
+        _require(self.n_clusters is None or self.n_clusters >= 2, "deep.n_clusters",
+                 "must be >= 2 or null (the number of identities in the manifest)")
+        _require(bool(self.backbone), "deep.backbone", "name a backbone: mlp, conv or a timm model name")
+        _require(all(h >= 1 for h in self.hidden), "deep.hidden", "every width must be >= 1")
+        _require(self.image_shape is None or all(s >= 1 for s in self.image_shape), "deep.image_shape",
+                 "must list positive sizes, e.g. [1, 28, 28], or be null")
+        _require(self.latent_dim is None or self.latent_dim >= 1, "deep.latent_dim", "must be >= 1 or null (= K)")
+        _require(all(h >= 1 for h in self.ae_hidden), "deep.ae_hidden", "every width must be >= 1")
+        _require(self.ae_epochs >= 1, "deep.ae_epochs", "must be >= 1 (autoencoder pre-training epochs)")
+        _require(self.ae_lr is None or self.ae_lr > 0, "deep.ae_lr", "must be > 0 or null (= train.lr)")
+        _require(self.pretrain_epochs >= 0, "deep.pretrain_epochs", "must be >= 0")
+        for name in ("beta", "gamma", "mu", "alpha"):
+            _require(getattr(self, name) >= 0, f"deep.{name}", "must be >= 0")
+        _require(self.vat_eps > 0 and self.vat_xi > 0, "deep.vat_eps/vat_xi", "must be > 0")
+        _require(self.kmeans_sample >= 1 and self.kmeans_iters >= 0, "deep.kmeans_sample/kmeans_iters",
+                 "need kmeans_sample >= 1 and kmeans_iters >= 0")
+
+
+@dataclass
+class FairConfig:
+    """Global fair assignment (METHODS.md §6; ``dist_fair.fair.fair_assign``). ``enabled``: run the
+    pipeline's ``fair_assign`` stage on the soft assignments of a deep clustering model (any of
+    them; DFDC and Fair-DEC also use this section after every training epoch). ``eps``: fairness
+    tolerance (0 = exact proportions); ``method``: auto (= auction: scalable, exact, certified by
+    a duality gap) | exact (network simplex, dense) | lp (HiGHS); ``top_m``: candidate clusters
+    per sample (null = all); ``rho``: target proportions (null = population); ``workers``: Ray
+    actors of the ``fair_assign`` stage (1 = in process; more: the auction on that many actors)."""
+
+    enabled: bool = False
     eps: float = 0.0
     method: str = "auto"
     top_m: int | None = None
@@ -287,6 +378,8 @@ class FairConfig:
         _require(self.workers >= 1, "fair.workers", "must be >= 1 (1 = solve in the calling process)")
         _require(self.eps >= 0, "fair.eps", "must be >= 0 (0 = exact proportions)")
         _choice(self.method, ["auto", "exact", "auction", "lp"], "fair.method")
+        _require(self.workers == 1 or self.method in ("auto", "auction"), "fair.workers",
+                 "several workers run the auction only: set fair.method=auto (or fair.workers=1)")
         _require(self.top_m is None or self.top_m >= 1, "fair.top_m", "must be >= 1 or null (all clusters)")
         if self.rho is not None:
             _require(all(r > 0 for r in self.rho), "fair.rho", "every proportion must be > 0")
@@ -296,7 +389,8 @@ class FairConfig:
 @dataclass
 class EvalConfig:
     """Evaluation (METHODS.md §7): metrics overall and per protected attribute in ``groups``
-    (empty = every attribute in the manifest)."""
+    (empty = every attribute in the manifest); ``plots``: also draw ``report.png`` (per-group F of
+    every method)."""
 
     groups: list[str] = field(default_factory=list)
     plots: bool = True
@@ -312,6 +406,7 @@ class JobConfig:
     knn: KNNConfig = field(default_factory=KNNConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deep: DeepConfig = field(default_factory=DeepConfig)
     fair: FairConfig = field(default_factory=FairConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -1,15 +1,19 @@
-"""``dist-fair run``: the whole job (shards -> knn -> [train] -> cluster -> evaluate).
+"""``dist-fair run``: the whole job for ``train.model``.
 
-With no options it runs the built-in BUPT-style data set on this machine in a few minutes and
-writes ``report.json`` and ``report.md`` into the run folder. Completed stages are skipped on a
-re-run, so a killed run resumes where it stopped.
+With no options it runs the main job on this machine in a few minutes: the built-in BUPT-style
+data set -> kNN graph -> the Intraformer with the purity penalty trained on 2 Ray Train workers
+with DeepSpeed ZeRO-1 -> edge inference on Ray -> global decoding, beside the kNN baseline decoded
+on the same test identities -> ``report.md`` / ``report.json`` / ``report.png`` in the run folder.
+``train.model`` dec, imsat, dfdc, fair_dec or fairoids run the deep (fair) clustering stages
+instead (train -> predict -> optional fair_assign -> evaluate). Completed stages are skipped on a
+re-run, so a killed run resumes where it stopped; ``--plan`` lists the stages and which are complete.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-HELP = "run the whole job (shards, kNN graph, clustering, evaluation) and write a report"
+HELP = "run the whole job (shards, kNN graph, training, clustering, evaluation) and write a report"
 DESCRIPTION = __doc__
 
 
@@ -22,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join ('auto' or ray://host:10001); default: a private local instance")
     parser.add_argument("--fresh", action="store_true", help="redo every stage even if its output is complete")
+    parser.add_argument("--plan", action="store_true",
+                        help="only print the stages this config runs and which are already complete; run nothing")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,21 +40,35 @@ def main(args: argparse.Namespace) -> int:
     if args.address:
         overrides.append(f"ray.address={args.address}")
     config = load_config(args.config, overrides)
+    if args.plan:
+        from dist_fair.pipeline import plan_job
+
+        print(f"plan of {config.run_dir} (train.model={config.train.model}):")
+        for outcome in plan_job(config):
+            state = "complete (skipped)" if outcome.complete else "to run"
+            print(f"  {outcome.name:<11} {state:<20} {outcome.folder}")
+        return 0
     outcomes = run_job(config, fresh=args.fresh)
     for outcome in outcomes:
         state = "skipped (complete)" if outcome.skipped else f"{outcome.seconds:7.1f} s"
-        print(f"  {outcome.name:<9} {state:<20} {outcome.folder}")
+        print(f"  {outcome.name:<11} {state:<20} {outcome.folder}")
     report = outcomes[-1].folder / "report.json"
     if report.exists():
         summary = json.loads(report.read_text())
         print(f"report: {report.parent.parent / 'report.md'}")
-        identity = summary.get("identity") or {}
-        for key in ("pairwise", "bcubed"):
-            if isinstance(identity.get(key), dict):
-                print(f"  {key:<9} F = {identity[key]['f']:.4f}")
-        for attr, block in (summary.get("attributes") or {}).items():
-            mean = ((block or {}).get("mean") or {}).get("pairwise")
-            std = ((block or {}).get("std") or {}).get("pairwise")
-            if mean and std:
-                print(f"  {attr:<9} per-group pairwise F: mean {mean['f']:.4f}, std {std['f']:.4f}")
+        for row in summary.get("comparison") or []:
+            line = f"  {row['method']:<28}"
+            for key, label in (("pairwise_f", "pairwise F"), ("bcubed_f", "BCubed F"), ("accuracy", "ACC"),
+                               ("nmi", "NMI")):
+                if isinstance(row.get(key), float):
+                    line += f" {label} {row[key]:.4f}"
+            print(line)
+            for attr, block in (row.get("attributes") or {}).items():
+                parts = []
+                if isinstance(block.get("f_mean"), float):
+                    parts.append(f"per-group pairwise F mean {block['f_mean']:.4f}, std {block['f_std']:.4f}")
+                if summary.get("fairness_view") and isinstance(block.get("balance"), float):
+                    parts.append(f"balance {block['balance']:.4f}, FWD {block['fwd']:.4f}")
+                if parts:
+                    print(f"    {attr:<10} " + "; ".join(parts))
     return 0

@@ -432,3 +432,129 @@ def write_job_report(methods: Mapping[str, dict[str, Any]], out_dir: str | Path,
             atomic_write_bytes(out_dir / "report.png", png)
             written["plot"] = out_dir / "report.png"
     return written
+
+
+# --------------------------------------------------------------------------- several methods
+def comparison_rows(methods: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method (in order): overall pairwise / BCubed F, NMI, ACC and, per attribute, the
+    per-group pairwise F mean and std (population) and balance, fairness, FWD. Missing values are None."""
+    rows = []
+    for name, report in methods.items():
+        ident = report.get("identity") or {}
+        row: dict[str, Any] = {"method": name,
+                               "pairwise_f": (ident.get("pairwise") or {}).get("f"),
+                               "bcubed_f": (ident.get("bcubed") or {}).get("f"),
+                               "nmi": ident.get("nmi"), "accuracy": ident.get("accuracy"), "attributes": {}}
+        for attr, entry in (report.get("attributes") or {}).items():
+            row["attributes"][attr] = {
+                "f_mean": ((entry.get("mean") or {}).get("pairwise") or {}).get("f"),
+                "f_std": ((entry.get("std") or {}).get("pairwise") or {}).get("f"),
+                "balance": entry.get("balance"), "fairness": entry.get("fairness"), "fwd": entry.get("fwd")}
+        rows.append(row)
+    return rows
+
+
+def render_comparison(methods: Mapping[str, dict[str, Any]], fairness: bool = False) -> list[str]:
+    """The comparison table as Markdown lines: method x overall pairwise F, BCubed F and, per
+    attribute, per-group pairwise F mean and std; with ``fairness`` also NMI, ACC and per attribute
+    balance, fairness and FWD (the deep fair clustering view, METHODS.md §7)."""
+    rows = comparison_rows(methods)
+    attrs = list(dict.fromkeys(a for r in rows for a in r["attributes"]))
+    header = ["method", "pairwise F", "BCubed F"] + (["NMI", "ACC"] if fairness else [])
+    for attr in attrs:
+        header += [f"{attr}: per-group F mean", f"{attr}: F std"]
+        if fairness:
+            header += [f"{attr}: balance", f"{attr}: fairness", f"{attr}: FWD"]
+    body = []
+    for r in rows:
+        line = [r["method"], r["pairwise_f"], r["bcubed_f"]] + ([r["nmi"], r["accuracy"]] if fairness else [])
+        for attr in attrs:
+            a = r["attributes"].get(attr, {})
+            line += [a.get("f_mean"), a.get("f_std")]
+            if fairness:
+                line += [a.get("balance"), a.get("fairness"), a.get("fwd")]
+        body.append(line)
+    return _table(header, body)
+
+
+def render_job_markdown(methods: Mapping[str, dict[str, Any]], title: str, evaluated_on: str = "",
+                        fairness: bool = False, facts: Sequence[str] = ()) -> str:
+    """The job's report: the comparison table of every method first, then each method's full
+    report (overall table, per attribute fairness and per-group quality)."""
+    lines = [f"# {title}", ""]
+    if evaluated_on:
+        lines += [f"Evaluated on {evaluated_on}.", ""]
+    lines += ["## Comparison", ""] + render_comparison(methods, fairness) + [""]
+    lines += [f"- {fact}" for fact in facts] + ([""] if facts else [])
+    for name, report in methods.items():
+        body = render_markdown(report, title=name).splitlines()
+        lines += ["#" + body[0]] + ["#" + line if line.startswith("## ") else line for line in body[1:]]
+    return "\n".join(lines)
+
+
+def plot_per_group_f_by_method(methods: Mapping[str, dict[str, Any]], title: str = "Per-group pairwise F") -> bytes | None:
+    """PNG bytes: per attribute, the pairwise F of each group for every method side by side, each
+    method's mean as a dashed line in its colour; None when no method has per-group scores."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    attrs = list(dict.fromkeys(a for r in methods.values() for a, e in (r.get("attributes") or {}).items()
+                               if e.get("per_group")))
+    if not attrs:
+        return None
+    names = list(methods)
+    width = 0.8 / max(len(names), 1)
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    groups_of = {a: list(dict.fromkeys(g for r in methods.values()
+                                       for g in ((r.get("attributes") or {}).get(a, {}).get("per_group") or {})))
+                 for a in attrs}
+    fig = Figure(figsize=(max(6.0, 2.5 + 1.3 * max(len(g) for g in groups_of.values())), 3.8 * len(attrs)))
+    FigureCanvasAgg(fig)
+    for index, attr in enumerate(attrs):
+        ax = fig.add_subplot(len(attrs), 1, index + 1)
+        groups = groups_of[attr]
+        x = np.arange(len(groups))
+        subtitle = []
+        for m, name in enumerate(names):
+            entry = (methods[name].get("attributes") or {}).get(attr) or {}
+            per_group = entry.get("per_group") or {}
+            colour = colours[m % len(colours)]
+            heights = [per_group[g]["pairwise"]["f"] if g in per_group else 0.0 for g in groups]
+            ax.bar(x - 0.4 + width * (m + 0.5), heights, width=width, color=colour, label=name)
+            if entry.get("mean"):
+                mean, std = entry["mean"]["pairwise"]["f"], entry["std"]["pairwise"]["f"]
+                ax.axhline(mean, color=colour, linestyle="--", linewidth=1)
+                subtitle.append(f"{name}: mean {mean:.3f}, std {std:.3f}")
+        ax.set_xticks(x, groups)
+        low = min((methods[n].get("attributes") or {}).get(attr, {}).get("per_group", {}).get(g, {})
+                  .get("pairwise", {}).get("f", 1.0) for n in names for g in groups)
+        ax.set_ylim(max(0.0, low - 0.1) if low > 0.5 else 0.0, 1.0)
+        ax.set_ylabel("pairwise F")
+        ax.set_title(f"{attr}: " + "; ".join(subtitle), fontsize="small")
+        ax.legend(loc="lower right", fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def write_job_report(methods: Mapping[str, dict[str, Any]], out_dir: str | Path, title: str, *,
+                     evaluated_on: str = "", fairness: bool = False, plots: bool = True,
+                     facts: Sequence[str] = (), extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Write the job's ``report.json`` (the first method's report at the top level, plus
+    ``methods``, ``comparison`` and ``extra``), ``report.md`` (comparison first) and, with ``plots``,
+    ``report.png`` (per-group F of every method) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    primary = next(iter(methods))
+    payload = {**methods[primary], "method": primary, "methods": dict(methods), "comparison": comparison_rows(methods),
+               "evaluated_on": evaluated_on, **(extra or {})}
+    written = {"json": out_dir / "report.json", "markdown": out_dir / "report.md"}
+    atomic_write_json(written["json"], payload)
+    atomic_write_text(written["markdown"], render_job_markdown(methods, title, evaluated_on, fairness, facts))
+    if plots:
+        png = plot_per_group_f_by_method(methods, title)
+        if png is not None:
+            atomic_write_bytes(out_dir / "report.png", png)
+            written["plot"] = out_dir / "report.png"
+    return written

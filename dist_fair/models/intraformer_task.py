@@ -27,12 +27,14 @@ from dist_fair.errors import ConfigError
 from dist_fair.knn.sequences import TRAIN, VAL, SequenceInputs, SequenceStreams
 from dist_fair.losses.clustering import LossConfig
 from dist_fair.models.intraformer import ModelSpec
+from dist_fair.models.registry import model_names
 from dist_fair.train.task import TrainTask
 
 LOG = logging.getLogger(__name__)
 
 SPEC_FILE = "model.json"
-SEQUENCE_MODELS = ("intraformer", "clusformer")
+#: the sequence models of the registry (dist_fair/models/registry.py).
+SEQUENCE_MODELS = model_names("sequence")
 
 
 def model_spec(train: Any, in_dim: int, seq_len: int) -> ModelSpec:
@@ -150,18 +152,12 @@ def load_trained(train_dir: str | Path) -> tuple[ModelSpec, dict[str, Any]]:
     return spec, weights
 
 
-def build_sequence_task(job: Any, run_dir: Any = None) -> TrainTask:
-    """``train.model=intraformer|clusformer`` for ``dist-fair train``: runs (or reuses) the
-    pipeline's shards, kNN and sequences stages in ``run_dir`` and returns the task."""
-    if run_dir is None:
-        raise ValueError("build_sequence_task needs a run folder for the shards, kNN and sequences stages")
-    from dist_fair.pipeline import knn_stage, sequences_stage, shards_stage
-
-    run_dir = Path(run_dir)
-    shards = shards_stage(job, run_dir, fresh=False)
-    knn = knn_stage(job, shards, run_dir, fresh=False)
-    seqs = sequences_stage(job, shards, knn, run_dir, fresh=False)
-    return task_from_folders(job, seqs.folder, knn.folder)
+def build_sequence_task(job: Any, inputs: Any) -> TrainTask:
+    """``train.model=intraformer|clusformer`` (the registry's builder): the task over the sequence
+    inputs ``inputs.sequences`` and the kNN graph ``inputs.knn`` (written by the pipeline's stages)."""
+    if inputs.sequences is None or inputs.knn is None:
+        raise ConfigError(f"train.model={job.train.model}: the task needs the sequences and kNN stages' folders")
+    return task_from_folders(job, inputs.sequences, inputs.knn)
 
 
 __all__ = ["SEQUENCE_MODELS", "SPEC_FILE", "model_spec", "loss_config", "sequence_forward", "SequenceLoss",

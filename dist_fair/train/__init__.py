@@ -5,7 +5,6 @@ not train never import torch, Ray or DeepSpeed):
 
 - :class:`TrainTask`, :class:`TrainContext` (``dist_fair.train.task``): what a model provides;
 - :func:`fit`, :class:`TrainResult` (``dist_fair.train.engine``): train a task;
-- ``dist_fair.train.collective``: global sums, ``(sum, count)`` means and gathers;
 - :func:`probe_task` (``dist_fair.train.probe``): the built-in identity probe;
 - :func:`load_model_weights` (``dist_fair.train.checkpoint``): the trained weights.
 """
@@ -17,8 +16,6 @@ from typing import Any
 _EXPORTS = {
     "TrainTask": "dist_fair.train.task",
     "TrainContext": "dist_fair.train.task",
-    "build_task": "dist_fair.train.task",
-    "register_task": "dist_fair.train.task",
     "fit": "dist_fair.train.engine",
     "TrainResult": "dist_fair.train.engine",
     "FaultInjection": "dist_fair.train.engine",

@@ -42,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
 
     from dist_fair.config import load_config
-    from dist_fair.train.task import build_task, check_trainable
+    from dist_fair.train.task import check_trainable
 
     job = load_config(args.config, args.set)
     run_dir = Path(args.run_dir or job.run_dir).expanduser().resolve()
@@ -53,7 +53,10 @@ def main(args: argparse.Namespace) -> int:
 
     init_ray(address=args.address or job.ray.address, num_cpus=job.ray.num_cpus,
              include_dashboard=job.ray.include_dashboard, namespace=job.ray.namespace)
-    task = build_task(job, run_dir)
+    from dist_fair.models.registry import create_task
+    from dist_fair.pipeline.job import prepare_training_inputs
+
+    task = create_task(job, prepare_training_inputs(job, run_dir))  # the stages before train, run or reused
     try:
         result = fit(task, job.train, run_dir, progress=not args.no_progress, force=args.force)
     finally:

@@ -94,15 +94,7 @@ def probe_task(arrays_or_shards: dict[str, np.ndarray] | str | Path, classes: in
     )
 
 
-def build_probe_task(job: Any, run_dir: Any = None) -> TrainTask:
-    """``train.model=probe`` from a JobConfig: the shard folder ``data.shards`` for
-    ``data.source=shards``; for ``data.source=synth`` the BUPT-style synthetic shards of the
-    pipeline's shards stage (written to ``<run_dir>/shards`` unless already there)."""
-    if job.data.source == "shards":
-        return probe_task(job.data.shards, hidden=job.train.hidden)
-    if run_dir is None:
-        raise ValueError("build_probe_task: data.source=synth needs a run folder to write the shards into")
-    from dist_fair.pipeline import shards_stage
-
-    shards = shards_stage(job, Path(run_dir), fresh=False)
-    return probe_task(shards.folder, hidden=job.train.hidden)
+def build_probe_task(job: Any, inputs: Any) -> TrainTask:
+    """``train.model=probe`` (the registry's builder): the probe over the shard folder
+    ``inputs.shards`` (``data.shards``, or the shards the pipeline's shards stage wrote)."""
+    return probe_task(inputs.shards, hidden=job.train.hidden)

@@ -12,7 +12,7 @@ Train workers with DeepSpeed. A task is a bundle of plain callables, pickled to 
 - ``forward(model, batch) -> outputs`` (default ``model(batch["x"])``);
 - ``loss_fn(batch, outputs, ctx) -> (loss, metrics)``: a scalar tensor to minimise and a dict of
   scalars to log (floats or 0-dim tensors). Global quantities go through ``ctx.collective``
-  (e.g. ``gamma_f = ctx.collective.global_mean(purity)``, METHODS.md §4);
+  (e.g. ``gamma_f = dist_fair.collective.global_mean(ctx.collective, purity)``, METHODS.md §4);
 - ``setup_hook(ctx)`` (optional): runs once on all workers before the first epoch of a fresh run
   (e.g. k-means initialisation of DEC centroids);
 - ``epoch_hook(ctx) -> metrics`` (optional): runs on all workers after every epoch (e.g. the
@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch
 
-    from dist_fair.train.collective import Collective
+    from dist_fair.collective import Collective
 
 Block = Mapping[str, "np.ndarray"]
 Batch = dict[str, "torch.Tensor"]
@@ -103,7 +103,7 @@ class TrainContext:
     Attributes:
         rank, world_size: this worker and the group size.
         device: torch device of the model and batches; dtype: the training precision.
-        collective: global sums, means and gathers (:mod:`dist_fair.train.collective`).
+        collective: global sums, means and gathers (:mod:`dist_fair.collective`).
         model: the DeepSpeed engine (call it like the module; ``model.module`` is the module).
         epoch: current epoch (0-based); step: optimizer steps done so far (global count).
         state: per-worker NumPy arrays saved with checkpoints and restored on resume.
@@ -132,59 +132,23 @@ class TrainContext:
         return self.task.forward(self.model, batch)
 
 
-#: model name (TrainConfig.model) -> "module:function" building its TrainTask from a JobConfig
-#: (``function(job, run_dir) -> TrainTask``). Modules are imported only when that model trains.
-TASK_BUILDERS: dict[str, str] = {
-    "probe": "dist_fair.train.probe:build_probe_task",
-    "intraformer": "dist_fair.models.intraformer_task:build_sequence_task",
-    "clusformer": "dist_fair.models.intraformer_task:build_sequence_task",
-    "dec": "dist_fair.deep.task:build_deep_task",
-    "imsat": "dist_fair.deep.task:build_deep_task",
-    "dfdc": "dist_fair.deep.task:build_deep_task",
-    "fair_dec": "dist_fair.deep.task:build_deep_task",
-    "fairoids": "dist_fair.deep.task:build_deep_task",
-}
-
-#: models named in TrainConfig.model whose implementation is still to come.
-PLANNED_MODELS = ("intraformer", "clusformer", "dec", "imsat", "dfdc", "fair_dec", "fairoids")
-
-
-def register_task(model: str, builder: str) -> None:
-    """Make ``train.model=<model>`` build its task with ``builder`` ("package.module:function",
-    called as ``function(job_config, run_dir) -> TrainTask``)."""
-    if ":" not in builder:
-        raise ValueError(f"register_task({model!r}, {builder!r}): builder must look like 'package.module:function'")
-    TASK_BUILDERS[model] = builder
-
-
 def check_trainable(model: str) -> None:
-    """ConfigError unless ``train.model=<model>`` has a training task whose module is installed
-    (the module is located, not imported)."""
+    """ConfigError unless ``train.model=<model>`` is a registered model (``dist_fair/models/registry.py``,
+    the one list of models) whose task module is installed (located, not imported)."""
+    import importlib.util
+
     from dist_fair.errors import ConfigError
+    from dist_fair.models.registry import get_model, model_names
 
     if model == "none":
         raise ConfigError("config field 'train.model' is 'none': choose a model to train, e.g. "
                           "--set train.model=probe (the built-in identity probe)")
-    available = sorted(m for m in TASK_BUILDERS if _module_exists(TASK_BUILDERS[m].split(":")[0]))
-    if model not in available:
-        planned = " is planned but not implemented yet" if model in PLANNED_MODELS else " is unknown"
-        raise ConfigError(f"config field 'train.model': {model!r}{planned}; models that can be trained now: "
-                          f"{', '.join(available)}")
-
-
-def _module_exists(name: str) -> bool:
-    import importlib.util
-
+    entry = get_model(model)
+    module_name = entry.task_builder.split(":")[0]
     try:
-        return importlib.util.find_spec(name) is not None
+        found = importlib.util.find_spec(module_name) is not None
     except ModuleNotFoundError:  # a parent package is missing
-        return False
-
-
-def build_task(job: Any, run_dir: Any = None) -> TrainTask:
-    """The TrainTask named by ``job.train.model`` (ConfigError for models not built yet)."""
-    import importlib
-
-    check_trainable(job.train.model)
-    module_name, function_name = TASK_BUILDERS[job.train.model].split(":")
-    return getattr(importlib.import_module(module_name), function_name)(job, run_dir)
+        found = False
+    if not found:
+        raise ConfigError(f"config field 'train.model': {model!r} is registered but its task module {module_name} is "
+                          f"not installed; registered models: {', '.join(model_names())}")
