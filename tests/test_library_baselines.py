@@ -129,6 +129,25 @@ def test_hdbscan_unit_euclidean_equals_sklearn_on_normalised_rows():
     assert same_partition(lb.hdbscan(x, min_cluster_size=2, metric="unit_euclidean"), direct)
 
 
+def test_hdbscan_epsilon_on_tied_distances_names_the_sklearn_bug():
+    """Duplicated rows (tied distances) with cluster_selection_epsilon > 0: where scikit-learn's own
+    call crashes (issue #33219, NumPy 2) the wrapper raises a DataError saying what to do; where
+    it works, the wrapper equals it."""
+    from sklearn.cluster import HDBSCAN
+
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.normal(size=(5, 8)), 6, axis=0) + 0.05 * rng.normal(size=(30, 8))
+    x = np.vstack([x, x[:8]])
+    params = {"min_cluster_size": 2, "min_samples": 1, "cluster_selection_epsilon": 0.05}
+    try:
+        direct = HDBSCAN(metric="cosine", algorithm="brute", copy=True, **params).fit_predict(x)
+    except TypeError:
+        with pytest.raises(DataError, match="33219"):
+            lb.hdbscan(x, **params)
+    else:
+        assert same_partition(lb.hdbscan(x, **params), direct)
+
+
 def test_hdbscan_noise_is_never_one_cluster():
     """Scored as clusters, raw -1 labels would form one big false cluster; the wrapper's noise
     samples are singletons, so they add no pair (brute-force pair count)."""

@@ -20,7 +20,9 @@ cluster label per sample (int64, ``0..C-1`` in order of first appearance, every 
   ``lambda = 1 / d`` differ, so the excess-of-mass selection (and ``cluster_selection_epsilon``,
   in the metric's units) may pick other clusters; it uses trees and scales further. HDBSCAN's
   noise label ``-1`` becomes one singleton cluster per noise sample (METHODS.md §7), never one
-  cluster of all noise.
+  cluster of all noise. scikit-learn 1.9 with NumPy 2 fails with ``cluster_selection_epsilon > 0``
+  when the condensed tree has tied distances (scikit-learn issue #33219, fixed upstream by indexing
+  a size-1 array); the wrapper turns that crash into a :class:`DataError` saying so.
 - :func:`agglomerative_cosine`: scikit-learn's ``AgglomerativeClustering(metric="cosine",
   linkage="average", distance_threshold=t, n_clusters=None)``: clusters merged while their average
   cosine distance is below ``t``. :func:`agglomerative_cosine_cuts` gives the same partitions for
@@ -217,7 +219,15 @@ def hdbscan(emb: Any, *, min_cluster_size: int = 2, min_samples: int | None = No
                     cluster_selection_method=cluster_selection_method,
                     metric="cosine" if metric == "cosine" else "euclidean",
                     algorithm="brute" if metric == "cosine" else "auto", copy=True)
-    return canonical_labels(model.fit_predict(x))
+    try:
+        labels = model.fit_predict(x)
+    except TypeError as err:
+        if cluster_selection_epsilon > 0 and "0-dimensional" in str(err):
+            raise DataError("hdbscan: scikit-learn's epsilon search failed on tied distances in these embeddings "
+                            "(scikit-learn issue #33219 with NumPy 2); use cluster_selection_epsilon=0 or "
+                            "metric='unit_euclidean', or a scikit-learn release with the fix") from err
+        raise
+    return canonical_labels(labels)
 
 
 # ----------------------------------------------------------------------------- average-linkage agglomerative
