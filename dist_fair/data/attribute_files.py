@@ -55,7 +55,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 SPEC_HELP = ("ATTR:VALUE=FILE: a text list of names (one a line) that all have VALUE, e.g. "
              "gender:female=lfw_female_names.txt; ATTR=FILE.json: a JSON object name -> value, e.g. "
-             "race=lfw_race_dict.json; ATTR=FILE.csv: the CSV column ATTR (key column: --key-column, default the "
+             "race=lfw_race_dict.json; ATTR=FILE.csv: the CSV column ATTR (key column: --key-column, else the "
              "first). Repeat for more files; several files may give one attribute")
 
 
@@ -159,7 +159,8 @@ def read_attribute_file(spec: AttributeFile) -> AttributeValues:
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=pairs_hook)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(f"attribute file {path}: not valid JSON ({err}); it must be one object name -> value") from err
+            raise DataError(f"attribute file {path}: not valid JSON ({err}); it must be one object "
+                            "name -> value") from err
         if not isinstance(data, dict):
             raise DataError(f"attribute file {path}: the top level must be a JSON object name -> value, "
                             f"got {type(data).__name__}")
@@ -276,8 +277,8 @@ def join_attributes(samples: Sequence[tuple[str, str]], files: Sequence[Attribut
                             where, len(values.labels), values.join, n, values.join)
         ordered = sorted(group_names)
         if not ordered:
-            raise DataError(f"attribute {attribute!r}: its files {[v.spec.path for v in read if v.spec.attribute == attribute]} "
-                            "hold no values; check them")
+            paths = [v.spec.path for v in read if v.spec.attribute == attribute]
+            raise DataError(f"attribute {attribute!r}: its files {paths} hold no values; check them")
         lookup = {name: i for i, name in enumerate(ordered)}
         column = np.full(n, UNKNOWN, np.int16)
         missing = conflicting = 0

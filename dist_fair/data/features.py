@@ -31,8 +31,10 @@ Labels and attributes (all optional, all -1 where unknown):
 Every row is checked before anything is written: rows holding NaN or Inf, or all zeros (no
 direction), are refused naming the first rows and their count. Rows are L2-normalised on write,
 ``x_i / ||x_i||_2`` (computed in float64; METHODS.md §1: embeddings are L2-normalised), and stored
-as ``dtype`` (float32 by default). Reading is streamed block by block from the memory map, so a
-5M x 512 file is never held twice in memory; with ``workers > 1`` each Ray task maps the file itself.
+as ``dtype`` (float32 by default). Reading is streamed: the check and the writers read
+``block_rows`` rows at a time at their byte offset (row-major files; column-major ones through a
+memory map), so a 5M x 512 file is never in memory at all, let alone twice; with ``workers > 1``
+each Ray task reads the file itself (the producer carries only its path and offsets).
 
 API::
 
@@ -107,6 +109,20 @@ class EmbeddingFile:
             return self.in_memory
         return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", offset=self.offset, shape=self.shape,
                          order="F" if self.fortran else "C")
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as a fresh array. Row-major files are read with ``np.fromfile`` at the
+        rows' offset, so no mapping of the whole file stays resident between blocks."""
+        stop = min(stop, self.rows)
+        if self.offset is None or self.fortran:
+            return np.array(self.open()[start:stop])
+        dtype = np.dtype(self.dtype)
+        rows = max(0, stop - start)
+        out = np.fromfile(self.path, dtype=dtype, count=rows * self.dim,
+                          offset=self.offset + start * dtype.itemsize * self.dim)
+        if out.size != rows * self.dim:
+            raise DataError(f"{self.path}: rows {start}..{stop} are past the end of the file (truncated?)")
+        return out.reshape(rows, self.dim)
 
 
 def _refuse_object(dtype: np.dtype, where: str) -> None:
@@ -349,13 +365,22 @@ def group_codes(values: Sequence[Any] | np.ndarray, where: str) -> tuple[np.ndar
 
 # --------------------------------------------------------------------------- checks
 
-def bad_rows(emb: np.ndarray, chunk_rows: int | None = None) -> dict[str, tuple[list[int], int]]:
-    """{"NaN or Inf": (first rows, count), "all zeros": (...)} over ``emb``, read in chunks."""
-    rows, dim = emb.shape
-    chunk_rows = chunk_rows or max(1, CHECK_BYTES // max(1, dim * emb.dtype.itemsize))
+def bad_rows(emb: np.ndarray | EmbeddingFile, chunk_rows: int | None = None,
+             rows: int | None = None) -> dict[str, tuple[list[int], int]]:
+    """{"NaN or Inf": (first rows, count), "all zeros": (...)} over the first ``rows`` of ``emb``
+    (an array or an ``EmbeddingFile``), read in chunks of about 32 MiB."""
+    if isinstance(emb, EmbeddingFile):
+        total, dim, itemsize, read = emb.rows, emb.dim, np.dtype(emb.dtype).itemsize, emb.read_rows
+    else:
+        (total, dim), itemsize = emb.shape, emb.dtype.itemsize
+
+        def read(start: int, stop: int) -> np.ndarray:
+            return np.asarray(emb[start:stop])
+    rows = total if rows is None else min(rows, total)
+    chunk_rows = chunk_rows or max(1, CHECK_BYTES // max(1, dim * itemsize))
     found: dict[str, tuple[list[int], int]] = {"NaN or Inf": ([], 0), "all zeros": ([], 0)}
     for start in range(0, rows, chunk_rows):
-        block = np.asarray(emb[start: start + chunk_rows])
+        block = read(start, min(start + chunk_rows, rows))
         for what, mask in (("NaN or Inf", ~np.isfinite(block).all(axis=1) if block.dtype.kind == "f" else None),
                            ("all zeros", ~block.any(axis=1))):
             if mask is None or not mask.any():
@@ -515,8 +540,8 @@ def load_features(path: str | Path, emb_key: str | None = None, dim: int | None 
 
 @dataclass
 class NormalisedRows:
-    """Producer: the plan's rows read from the (memory-mapped) file, L2-normalised, in blocks.
-    Picklable without the embeddings: every process maps the file itself."""
+    """Producer: the plan's rows read from the file block by block, L2-normalised. Picklable
+    without the embeddings (unless they had to be read into memory): every process reads the file itself."""
 
     file: EmbeddingFile
     identity: np.ndarray
@@ -524,19 +549,19 @@ class NormalisedRows:
     block_rows: int = 4096
 
     def __call__(self, plan: ShardPlan) -> Iterator[Block]:
-        emb = self.file.open()
         for start in range(plan.first_id, plan.first_id + plan.rows, self.block_rows):
             stop = min(start + self.block_rows, plan.first_id + plan.rows)
-            yield Block(ids=np.arange(start, stop, dtype=np.int64), emb=normalise_rows(emb[start:stop]),
+            emb = normalise_rows(self.file.read_rows(start, stop))
+            yield Block(ids=np.arange(start, stop, dtype=np.int64), emb=emb,
                         identity=self.identity[start:stop], attrs={a: v[start:stop] for a, v in self.attrs.items()})
 
 
 def check_rows(features: FeatureSet) -> None:
     """Refuse NaN/Inf and all-zero rows, naming the first rows and the count."""
-    problems = bad_rows(features.embeddings())
+    problems = bad_rows(features.file, rows=features.rows)
     if problems:
-        parts = [f"{count} rows contain {what} (rows {', '.join(map(str, first))}{', ...' if count > len(first) else ''})"
-                 for what, (first, count) in problems.items()]
+        parts = [f"{count} rows contain {what} (rows {', '.join(map(str, first))}"
+                 f"{', ...' if count > len(first) else ''})" for what, (first, count) in problems.items()]
         raise DataError(f"{features.file.path}: {'; '.join(parts)}; such rows cannot be L2-normalised - fix or "
                         "drop them in the source")
 
@@ -601,13 +626,15 @@ def add_features_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--input", required=True,
                         help=".npy (one rows x dim array), .npz (arrays named by the --*-key options) or .bin "
-                             "(raw float32 rows, learn-to-cluster layout; needs --dim). Rows are L2-normalised on write")
+                             "(raw float32 rows, learn-to-cluster layout; needs --dim). Rows are L2-normalised on "
+                             "write")
     parser.add_argument("--dim", type=int, default=None, help="embedding dimension: required for .bin (checked against "
                                                               "the file size), checked for .npy/.npz")
-    parser.add_argument("--emb-key", default=None, help=".npz array of the embeddings (default: emb, or the only 2-D array)")
+    parser.add_argument("--emb-key", default=None,
+                        help=".npz array of the embeddings (when not given: emb if present, else the only 2-D array)")
     parser.add_argument("--labels", default=None,
                         help="identity labels: a .meta/text file (one integer a line) or a .npy; for .bin the "
-                             "<stem>.meta beside it (or in ../labels/) is used by default")
+                             "<stem>.meta beside it (or in ../labels/) is used when not given")
     parser.add_argument("--label-key", default=None, help=".npz array of identity labels (integers or strings)")
     parser.add_argument("--names-key", default=None,
                         help=".npz array of per-row image names (Person/file.jpg or Name_0001.jpg): the identity is "
@@ -624,7 +651,8 @@ def add_features_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"side file joined by the --names-key image names: {SPEC_HELP}")
     parser.add_argument("--join", choices=JOINS, default="auto",
                         help="match --attribute file keys to image names or to person names (auto: by key suffix)")
-    parser.add_argument("--key-column", default=None, help="key column of CSV --attribute files (default: the first)")
+    parser.add_argument("--key-column", default=None,
+                        help="key column of CSV --attribute files (when not given: the first column)")
     parser.add_argument("--multi-label", choices=MULTI_LABEL, default="unknown",
                         help="an --attribute value with several comma-separated labels: unknown or its first label")
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows")

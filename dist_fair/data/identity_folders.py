@@ -282,7 +282,8 @@ def add_faces_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--join", choices=JOINS, default="auto",
                         help="match attribute-file keys to image file names or to person (folder) names; auto: "
                              "image when some key ends in an image suffix such as .jpg")
-    parser.add_argument("--key-column", default=None, help="the key column of CSV attribute files (default: the first)")
+    parser.add_argument("--key-column", default=None,
+                        help="the key column of CSV attribute files (when not given: the first column)")
     add_selection_arguments(parser)
     add_image_shard_arguments(parser, "faces")
 
