@@ -72,3 +72,51 @@ def test_cli_two_ray_workers_equal_one_process(ray_cluster, tmp_path):
     report = json.loads((tmp_path / "two.report.json").read_text())
     assert report["workers"] == 2 and report["certified"] is True
     assert main(args + ["--out", str(tmp_path / "x.npy"), "--workers", "2", "--method", "lp"]) == 1
+
+
+def test_cli_eps_of_one_and_more(tmp_path):
+    """Issue 16: --eps 5 (also 1, 1.5, 2) ended in an IndexError; now it agrees with --method exact."""
+    probs, groups = instance(150, 5, 3, seed=8)
+    np.save(tmp_path / "P.npy", probs)
+    np.save(tmp_path / "G.npy", groups)
+    for eps in ("1", "1.5", "2", "5"):
+        objectives = []
+        for method in ("auto", "exact"):
+            out = tmp_path / f"{method}-{eps}.npy"
+            assert main(["fair-assign", "--probs", str(tmp_path / "P.npy"), "--groups", str(tmp_path / "G.npy"),
+                         "--out", str(out), "--eps", eps, "--method", method]) == 0
+            objectives.append(json.loads((tmp_path / f"{method}-{eps}.report.json").read_text())["objective"])
+        assert objectives[0] == pytest.approx(objectives[1], rel=1e-9)
+
+
+@pytest.mark.parametrize("damage", ["scaled", "zero"])
+def test_cli_refuses_rows_that_do_not_sum_to_one(tmp_path, capsys, damage):
+    probs, groups = instance(80, 4, 2, seed=3)
+    bad = probs.copy()
+    if damage == "scaled":
+        bad[[5, 17]] *= 1.7
+    else:
+        bad[[5, 17]] = 0.0
+    np.save(tmp_path / "P.npy", bad)
+    np.save(tmp_path / "G.npy", groups)
+    out = tmp_path / "l.npy"
+    base = ["fair-assign", "--probs", str(tmp_path / "P.npy"), "--groups", str(tmp_path / "G.npy"), "--out", str(out)]
+    assert main(base) == 1
+    err = capsys.readouterr().err
+    assert "2 of 80 rows do not sum to 1" in err and "row 5 sums to" in err and "row 17" in err
+    assert "--normalize" in err and not out.exists()
+    if damage == "scaled":  # --normalize: the same labels as the true probabilities
+        assert main(base + ["--normalize"]) == 0
+        assert np.array_equal(np.load(out), fair_assign(probs, groups).labels)
+    else:  # nothing to normalise
+        assert main(base + ["--normalize"]) == 1
+        assert "cannot be normalised" in capsys.readouterr().err and not out.exists()
+
+
+def test_library_refuses_unnormalised_rows():
+    from dist_fair.errors import DataError
+
+    probs, groups = instance(60, 3, 2, seed=2)
+    with pytest.raises(DataError, match="row 7 sums to 1.7"):
+        fair_assign(np.where(np.arange(60)[:, None] == 7, probs * 1.7, probs), groups)
+    fair_assign(probs.astype(np.float32), groups)  # float32 rounding is fine

@@ -29,7 +29,7 @@ Jacobi auction moves a handful of samples per round and is left to the exact fin
 result exactly optimal - the auction only has to deliver good prices and a nearly complete
 assignment.
 
-Distributed (SPMD through a :class:`~dist_fair.fair.reducer.Reducer`): every worker holds its own
+Distributed (SPMD through a :class:`~dist_fair.collective.Collective`): every worker holds its own
 samples; per round the workers sum per-cell bid counts (O(T K) integers) and, for cells or pools
 that received more bids than free places, find the exact k-th lowest bid by a radix selection over
 (bid, id) keys that exchanges a 256-bin histogram per such cell per digit (typically 2-4 digits).
@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dist_fair.collective import Collective, all_reduce_max
 from dist_fair.fair.candidates import BLOCK_ROWS, Candidates
-from dist_fair.fair.reducer import Reducer, allreduce_max
 from dist_fair.fair.targets import FairTargets
 
 LOG = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 GATHER_LIMIT = 65536
 
 
-def select_kth(pos: np.ndarray, bid: np.ndarray, gid: np.ndarray, k: np.ndarray, reducer: Reducer,
+def select_kth(pos: np.ndarray, bid: np.ndarray, gid: np.ndarray, k: np.ndarray, collective: Collective,
                gather_limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For every segment q, the key (bid, id) of rank ``k[q]`` (0-based, in :func:`key_less` order)
     among the candidates of all workers with ``pos == q``; ``(+inf, -1)`` when ``k[q]`` is not smaller
@@ -160,27 +160,29 @@ def select_kth(pos: np.ndarray, bid: np.ndarray, gid: np.ndarray, k: np.ndarray,
     nseg = int(k.size)
     if nseg == 0:
         return np.zeros(0), np.zeros(0, dtype=np.int64)
-    counts = reducer.allreduce_sum(np.bincount(pos, minlength=nseg).astype(np.int64))
+    counts = collective.all_reduce_sum(np.bincount(pos, minlength=nseg).astype(np.int64))
     beyond = k >= counts
     k = np.where(beyond, 0, k)
     limit = GATHER_LIMIT if gather_limit is None else gather_limit
-    gathered = reducer.world_size > 1 and int(counts.sum()) <= limit
+    gathered = collective.world_size > 1 and int(counts.sum()) <= limit
     if gathered:  # few candidates in all (the auction's long tail): one allgather, not 16 radix steps
-        parts = reducer.allgather(np.stack([pos.astype(np.float64), bid, gid.astype(np.float64)], axis=1))
+        parts = collective.all_gather(np.stack([pos.astype(np.float64), bid, gid.astype(np.float64)], axis=1))
         every = np.concatenate(parts, axis=0)
         pos, bid, gid = every[:, 0].astype(np.int64), every[:, 1], every[:, 2].astype(np.int64)
-    if reducer.world_size == 1 or gathered:
-        order = np.lexsort((-gid, bid, pos))
-        starts = np.searchsorted(pos[order], np.arange(nseg))
-        pick = order[np.minimum(starts + k, max(pos.size - 1, 0))]
-        out_bid = bid[pick] if pos.size else np.zeros(nseg)
-        out_gid = gid[pick] if pos.size else np.zeros(nseg, dtype=np.int64)
+    if collective.world_size == 1 or gathered:
+        if pos.size:
+            order = np.lexsort((-gid, bid, pos))
+            starts = np.searchsorted(pos[order], np.arange(nseg))
+            pick = order[np.minimum(starts + k, pos.size - 1)]
+            out_bid, out_gid = bid[pick], gid[pick]
+        else:  # no candidate anywhere (e.g. eps >= 1: no cell has a protected lower bound): all beyond
+            out_bid, out_gid = np.zeros(nseg), np.zeros(nseg, dtype=np.int64)
     else:
-        out_bid, out_gid = _radix_select(pos, float_key(bid), (_MAX_ID - gid).astype(np.uint64), k, reducer)
+        out_bid, out_gid = _radix_select(pos, float_key(bid), (_MAX_ID - gid).astype(np.uint64), k, collective)
     return np.where(beyond, np.inf, out_bid), np.where(beyond, -1, out_gid)
 
 
-def _radix_select(pos: np.ndarray, hi: np.ndarray, lo: np.ndarray, k: np.ndarray, reducer: Reducer
+def _radix_select(pos: np.ndarray, hi: np.ndarray, lo: np.ndarray, k: np.ndarray, collective: Collective
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Distributed exact selection on 128-bit keys (hi, lo), 8 bits per step."""
     nseg = int(k.size)
@@ -195,7 +197,7 @@ def _radix_select(pos: np.ndarray, hi: np.ndarray, lo: np.ndarray, k: np.ndarray
         digit = ((word >> shift) & np.uint64(255)).astype(np.int64)
         live = alive & ~done[pos]
         counts = np.bincount(pos[live] * 256 + digit[live], minlength=nseg * 256).astype(np.int64)
-        counts = reducer.allreduce_sum(counts).reshape(nseg, 256)
+        counts = collective.all_reduce_sum(counts).reshape(nseg, 256)
         cum = np.cumsum(counts, axis=1)
         chosen = np.argmax(cum > k_rem[:, None], axis=1)
         below = np.where(chosen > 0, cum[np.arange(nseg), chosen - 1], 0)
@@ -212,7 +214,7 @@ def _radix_select(pos: np.ndarray, hi: np.ndarray, lo: np.ndarray, k: np.ndarray
             mine = alive & single[pos]
             sums = np.zeros((nseg, 2), dtype=np.int64)
             np.add.at(sums, pos[mine], np.stack([hi[mine].view(np.int64), lo[mine].view(np.int64)], axis=1))
-            sums = reducer.allreduce_sum(sums)
+            sums = collective.all_reduce_sum(sums)
             pre_hi = np.where(single, sums[:, 0].view(np.uint64), pre_hi)
             pre_lo = np.where(single, sums[:, 1].view(np.uint64), pre_lo)
             done |= single
@@ -296,7 +298,7 @@ class _Book:
 
 
 def _stage(book: _Book, seg_of_place: np.ndarray, k: np.ndarray, bid_place: np.ndarray, bid: np.ndarray,
-           bid_gid: np.ndarray, active: np.ndarray, reducer: Reducer, take: np.ndarray | None = None,
+           bid_gid: np.ndarray, active: np.ndarray, collective: Collective, take: np.ndarray | None = None,
            below: tuple[np.ndarray, np.ndarray] | None = None):
     """One acceptance step: in every segment (a set of cells) find the key of rank ``k`` among its
     holders and active bids; everything below it is outbid. ``take`` (per cell) limits the holders
@@ -314,7 +316,7 @@ def _stage(book: _Book, seg_of_place: np.ndarray, k: np.ndarray, bid_place: np.n
     mine = bpos >= 0
     pos = np.concatenate([seg_of_place[hp], bpos[mine]])
     thr_bid, thr_gid = select_kth(pos, np.concatenate([hb, bid[mine]]), np.concatenate([hg, bid_gid[mine]]), k,
-                                  reducer)
+                                  collective)
     hseg = seg_of_place[hp]
     evicted = hsrc[key_less(hb, hg, thr_bid[hseg], thr_gid[hseg])]
     rejected = np.zeros(bid.size, dtype=bool)
@@ -428,8 +430,11 @@ class _Prices:
         self.full = np.where(places.upper > 0, 0.0, np.inf)                # G
         self.protected = np.where(places.lower > 0, 0.0, np.inf)           # R
         self.pool = np.where(places.shared > 0, 0.0, np.inf)               # Q
-        self.boundary_bid = np.full(places.size, -np.inf)                  # key of the lower-th highest
-        self.boundary_gid = np.full(places.size, np.iinfo(np.int64).max)
+        # key of the lower-th highest member; the pool lies below it. A cell with lower = 0 (always
+        # when eps >= 1) protects nobody: all its members are pool members, the boundary is +inf.
+        unprotected = places.lower == 0
+        self.boundary_bid = np.where(unprotected, np.inf, -np.inf)
+        self.boundary_gid = np.where(unprotected, -1, np.iinfo(np.int64).max).astype(np.int64)
 
     def cells(self) -> np.ndarray:
         if not self.places.bounded:
@@ -439,29 +444,29 @@ class _Prices:
 
 
 def _update_boundary(prices: _Prices, book: _Book, held: np.ndarray, cells: np.ndarray, bid_place: np.ndarray,
-                     bid: np.ndarray, bid_gid: np.ndarray, active: np.ndarray, reducer: Reducer) -> None:
+                     bid: np.ndarray, bid_gid: np.ndarray, active: np.ndarray, collective: Collective) -> None:
     """Key of the lower-th highest member of each given cell (the pool lies below it)."""
     places = prices.places
     cells = cells[(places.lower[cells] > 0) & (held[cells] >= places.lower[cells])]
     seg = np.full(places.size, -1, dtype=np.int64)
     seg[cells] = np.arange(cells.size)
     thr_bid, thr_gid, _, _ = _stage(book, seg, held[cells] - places.lower[cells], bid_place, bid, bid_gid, active,
-                                    reducer)
+                                    collective)
     prices.boundary_bid[cells], prices.boundary_gid[cells] = thr_bid, thr_gid
     prices.protected[cells] = np.maximum(prices.protected[cells], thr_bid)
     low = (held < places.lower)
     prices.boundary_bid[low], prices.boundary_gid[low] = -np.inf, np.iinfo(np.int64).max
 
 
-def run_auction(persons: Persons, reducer: Reducer, options: AuctionOptions | None = None) -> AuctionState:
+def run_auction(persons: Persons, collective: Collective, options: AuctionOptions | None = None) -> AuctionState:
     """The eps-scaling forward auction (module docstring). SPMD: call on every worker."""
     opts = options or AuctionOptions()
     places = persons.places
     size, k_count, t_count = places.size, places.n_clusters, places.n_groups
     lower, upper, shared = places.lower, places.upper, places.shared
-    n_total = int(reducer.allreduce_sum(np.array([persons.size], dtype=np.int64))[0])
+    n_total = int(collective.all_reduce_sum(np.array([persons.size], dtype=np.int64))[0])
     vmax = float(persons.value.max()) if persons.size else 0.0
-    value_range = max(float(allreduce_max(reducer, np.array([vmax]))[0]), 1e-12)
+    value_range = max(float(all_reduce_max(collective, np.array([vmax]))[0]), 1e-12)
     big = value_range + 1.0
     stop = int(opts.stop_fraction * n_total)
     prices = _Prices(places)
@@ -487,17 +492,17 @@ def run_auction(persons: Persons, reducer: Reducer, options: AuctionOptions | No
             _, _, _, v1, _ = persons.best(suspect, cell_prices)
             current = persons.current_value(suspect, assign[suspect], column[suspect], cell_prices)
             violate = suspect[current < v1 - eps]
-            held -= reducer.allreduce_sum(np.bincount(assign[violate], minlength=size).astype(np.int64))
+            held -= collective.all_reduce_sum(np.bincount(assign[violate], minlength=size).astype(np.int64))
             assign[violate] = -1
             unassigned = np.flatnonzero(assign < 0)
         keep = np.flatnonzero(assign >= 0)
         book = _Book(size, assign[keep], bids[keep], gid[keep], keep)
         if places.bounded and phases > 1:
             _update_boundary(prices, book, held, np.arange(size), no_bids, np.zeros(0), no_bids,
-                             np.zeros(0, dtype=bool), reducer)
+                             np.zeros(0, dtype=bool), collective)
         phase_rounds = 0
         while phase_rounds < opts.max_rounds:
-            waiting = int(reducer.allreduce_sum(np.array([unassigned.size], dtype=np.int64))[0])
+            waiting = int(collective.all_reduce_sum(np.array([unassigned.size], dtype=np.int64))[0])
             if waiting == 0 or (eps <= eps_end and waiting <= stop):
                 break
             phase_rounds += 1
@@ -505,21 +510,21 @@ def run_auction(persons: Persons, reducer: Reducer, options: AuctionOptions | No
             place, col, y1, v1, v2 = persons.best(bidders, prices.cells())
             bid = (y1 - np.maximum(v2, v1 - big) + eps) + 0.0
             bgid = gid[bidders]
-            counts = reducer.allreduce_sum(np.bincount(place, minlength=size).astype(np.int64))
+            counts = collective.all_reduce_sum(np.bincount(place, minlength=size).astype(np.int64))
             total = held + counts
             # a cell keeps its `upper` best
             full = np.flatnonzero((counts > 0) & (total >= upper))
             seg = np.full(size, -1, dtype=np.int64)
             seg[full] = np.arange(full.size)
             thr, _, evicted, rejected = _stage(book, seg, total[full] - upper[full], place, bid, bgid,
-                                               np.ones(bidders.size, dtype=bool), reducer)
+                                               np.ones(bidders.size, dtype=bool), collective)
             lost = [book.loc_of(evicted)]
             book.drop(evicted)
             prices.full[full] = np.maximum(prices.full[full], thr)
             held = np.where(counts > 0, np.minimum(total, upper), held)
             if places.bounded:  # the lower-th best are protected; cluster pools keep their `shared` best
                 touched = np.flatnonzero(counts > 0)
-                _update_boundary(prices, book, held, touched, place, bid, bgid, ~rejected, reducer)
+                _update_boundary(prices, book, held, touched, place, bid, bgid, ~rejected, collective)
                 pool_cells = np.maximum(held - lower, 0)
                 pool = pool_cells.reshape(t_count, k_count).sum(axis=0)
                 hit = np.zeros(k_count, dtype=bool)
@@ -529,11 +534,11 @@ def run_auction(persons: Persons, reducer: Reducer, options: AuctionOptions | No
                 for t in range(t_count):
                     seg[t * k_count + full_c] = np.arange(full_c.size)
                 thr_c, _, evicted_c, rejected_c = _stage(
-                    book, seg, pool[full_c] - shared[full_c], place, bid, bgid, ~rejected, reducer,
+                    book, seg, pool[full_c] - shared[full_c], place, bid, bgid, ~rejected, collective,
                     take=pool_cells, below=(prices.boundary_bid, prices.boundary_gid))
                 rejected_c &= ~rejected
                 out_cells = np.concatenate([assign[book.loc_of(evicted_c)], place[rejected_c]])
-                held -= reducer.allreduce_sum(np.bincount(out_cells, minlength=size).astype(np.int64))
+                held -= collective.all_reduce_sum(np.bincount(out_cells, minlength=size).astype(np.int64))
                 lost.append(book.loc_of(evicted_c))
                 book.drop(evicted_c)
                 rejected |= rejected_c
@@ -551,6 +556,6 @@ def run_auction(persons: Persons, reducer: Reducer, options: AuctionOptions | No
         if eps <= eps_end:
             break
         eps = max(eps / opts.eps_factor, eps_end)
-    waiting = int(reducer.allreduce_sum(np.array([unassigned.size], dtype=np.int64))[0])
+    waiting = int(collective.all_reduce_sum(np.array([unassigned.size], dtype=np.int64))[0])
     q = np.where(np.isfinite(prices.pool), prices.pool, 0.0) if places.bounded else np.zeros(k_count)
     return AuctionState(prices.cells(), q, assign, column, bids, bid_eps, rounds, phases, waiting, log)

@@ -111,12 +111,45 @@ def _check_values(value: np.ndarray, name: str) -> None:
                             f"({float(block[row, col])}); probabilities must be >= 0 (apply softmax)")
 
 
+def row_sum_tolerance(n_clusters: int, dtype: np.dtype) -> float:
+    """How far a row of K probabilities may sum from 1: ``1e-3 + 4 K eps(dtype)`` (rounding of a
+    float32 softmax over K clusters stays far inside it)."""
+    return 1e-3 + 4.0 * n_clusters * float(np.finfo(dtype).eps)
+
+
+def check_rows_sum_to_one(probs: np.ndarray, name: str = "probs") -> None:
+    """Raise ``DataError`` naming the rows whose probabilities do not sum to 1 (within
+    :func:`row_sum_tolerance`): scaled rows (x1.7) or all-zero rows would silently change which
+    assignment is "closest" (METHODS.md §6 needs rows of probabilities)."""
+    tol = row_sum_tolerance(probs.shape[1], probs.dtype)
+    bad_rows: list[int] = []
+    bad_sums: list[float] = []
+    total_bad = 0
+    for start in range(0, probs.shape[0], BLOCK_ROWS):
+        sums = probs[start:start + BLOCK_ROWS].sum(axis=1, dtype=np.float64)
+        bad = np.flatnonzero(np.abs(sums - 1.0) > tol)
+        total_bad += int(bad.size)
+        if len(bad_rows) < 10:
+            take = bad[: 10 - len(bad_rows)]
+            bad_rows += (start + take).tolist()
+            bad_sums += sums[take].tolist()
+    if total_bad:
+        listed = ", ".join(f"row {r} sums to {v:.6g}" for r, v in zip(bad_rows, bad_sums))
+        zero = " (all-zero rows have no cluster preference at all)" if any(v == 0 for v in bad_sums) else ""
+        raise DataError(f"{name}: {total_bad} of {probs.shape[0]} rows do not sum to 1 (tolerance {tol:.2g}): "
+                        f"{listed}{'; ...' if total_bad > len(bad_rows) else ''}{zero}. Pass soft assignments "
+                        f"(softmax output): normalise with p / p.sum(1, keepdims=True), or use "
+                        f"`dist-fair fair-assign --normalize`")
+
+
 def dense_candidates(probs: np.ndarray) -> Candidates:
-    """Validate a dense ``(N, K)`` probability matrix and wrap it (no copy)."""
+    """Validate a dense ``(N, K)`` probability matrix (finite, >= 0, rows summing to 1) and wrap it
+    (no copy)."""
     probs = np.asarray(probs)
     if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[1] == 0:
         raise DataError(f"probs: expected a non-empty 2-D array (samples x clusters), got shape {probs.shape}")
     _check_values(probs, "probs")
+    check_rows_sum_to_one(probs, "probs")
     return Candidates(probs, None, int(probs.shape[1]))
 
 

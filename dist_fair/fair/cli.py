@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join with --workers > 1 (default: RAY_ADDRESS, else a local instance)")
     parser.add_argument("--report", default=None, help="report path (default: <out stem>.report.json)")
+    parser.add_argument("--normalize", action="store_true",
+                        help="divide each row of --probs by its sum first (default: rows that do not sum to 1 "
+                             "are an error naming them; all-zero rows are an error either way)")
 
 
 def _load(path: str, what: str):
@@ -54,6 +57,22 @@ def _load(path: str, what: str):
         raise DataError(f"--{what}: cannot read {p}: {err}") from err
 
 
+def _normalized(probs):
+    """Rows of ``probs`` divided by their sums; all-zero (or non-positive-sum) rows are an error."""
+    import numpy as np
+
+    from dist_fair.errors import DataError
+
+    if probs.dtype.kind != "f":
+        raise DataError(f"--probs: expected floating-point probabilities, got dtype {probs.dtype}")
+    sums = probs.sum(axis=1, dtype=np.float64)
+    empty = np.flatnonzero(~(sums > 0))
+    if empty.size:
+        raise DataError(f"--probs: {empty.size} rows sum to {sums[empty[0]]:.6g} and cannot be normalised "
+                        f"(first rows: {empty[:10].tolist()}); every sample needs some probability mass")
+    return (probs / sums[:, None]).astype(probs.dtype, copy=False)
+
+
 def main(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -68,6 +87,8 @@ def main(args: argparse.Namespace) -> int:
     if groups.ndim != 1 or groups.shape[0] != probs.shape[0]:
         raise DataError(f"--groups: expected shape ({probs.shape[0]},) to match --probs {probs.shape}, "
                         f"got {groups.shape}")
+    if args.normalize:
+        probs = _normalized(probs)
     rho = None
     if args.rho:
         try:
