@@ -157,3 +157,36 @@ def test_command_line_arguments(tmp_path, adult):
     assert manifest.dim == 2 and manifest.num_samples == 100 and len(manifest.shards) == 3
     assert list(manifest.attributes) == ["sex", "race"] and manifest.source["standardize"] is False
     assert load_embeddings(tmp_path / "t")[0].tolist() == [39.0, 13.0]
+
+
+def test_a_non_number_in_a_numeric_column_is_an_error_not_a_dropped_feature(tmp_path):
+    """Issue 16: one 'abc' cell used to drop the whole feature column (3 features became 2, exit 0)."""
+    csv = tmp_path / "t.csv"
+    csv.write_text("x,y,z,g\n1,2,3,a\n4,abc,6,b\n7,8,9,a\n10,11,12,b\n")
+    with pytest.raises(DataError, match=r"t.csv, line 3 \(data row 1\), column 'y': value 'abc' is not a number, "
+                                        r"but 3 of the column's 4 values are.*--exclude y.*--one-hot"):
+        load_table(csv, "g")
+    from dist_fair.cli import main
+
+    out = tmp_path / "out"
+    assert main(["shards", "table", "--path", str(csv), "--protected", "g", "--out", str(out)]) == 1
+    assert not (out / "manifest.json").exists()
+    data = load_table(csv, "g", exclude=["y"])
+    assert data.feature_names == ["x", "z"]
+
+
+def test_categorical_columns_left_out_are_recorded(tmp_path):
+    csv = tmp_path / "t.csv"
+    csv.write_text("x,colour,g\n1,red,a\n2,blue,b\n3,red,a\n")
+    manifest = write_table_shards(tmp_path / "out", csv, "g")
+    assert manifest.source["features"] == ["x"] and manifest.source["skipped_columns"] == ["colour"]
+    assert manifest.source["warnings"] == []
+
+
+def test_single_group_protected_column_warns(tmp_path, caplog):
+    csv = tmp_path / "t.csv"
+    csv.write_text("x,y,g\n1,2,a\n3,4,a\n5,6,a\n")
+    with caplog.at_level("WARNING", logger="dist_fair.data.table"):
+        manifest = write_table_shards(tmp_path / "out", csv, "g")
+    assert "protected column 'g' has a single group ('a')" in caplog.text
+    assert len(manifest.source["warnings"]) == 1 and "single group" in manifest.source["warnings"][0]

@@ -5,14 +5,19 @@ scalable fair clustering; ``tabular/adult.csv``, ``tabular/bank.csv``) are table
 sample (METHODS.md §1) whose "embedding" is its feature vector.
 
 - Features: the chosen columns (default: every numeric column except the protected and label
-  columns; with ``one_hot`` also every categorical one). A categorical feature becomes one 0/1
+  columns; with ``one_hot`` also every categorical one). A column that is numeric except for some
+  cells (``abc`` among numbers) is an error naming the line, column and value, never silently left
+  out; the categorical columns left out of the default features are logged and listed in
+  ``source["skipped_columns"]``. A categorical feature becomes one 0/1
   column per value, ``<column>=<value>``, values sorted. With ``standardize`` (the default) every
   feature column ``j`` is z-scored over the rows kept, ``z_ij = (x_ij - mean_j) / std_j`` with the
   population standard deviation ``std_j = sqrt(mean_i (x_ij - mean_j)^2)``; a constant column
   (``std_j = 0``) is divided by 1 and so becomes all zeros. Means and deviations are recorded in
   the manifest's ``source``.
 - Protected attribute(s): the column's distinct values, sorted (numerically when every value is a
-  number), are the group names; a missing value becomes -1 (unknown) and is counted.
+  number), are the group names; a missing value becomes -1 (unknown) and is counted. A protected
+  column with a single group (no fairness to measure) is a warning, logged and recorded in
+  ``source["warnings"]``.
 - Label: its distinct values, sorted the same way, are coded 0, 1, ... and stored as the identity;
   the code -> name table is ``source["identity_names"]``; a missing label is -1.
 
@@ -76,6 +81,8 @@ class TableData:
     std: np.ndarray                          # per feature (ones if not standardised)
     dropped_lines: list[int] = field(default_factory=list)
     missing_counts: dict[str, int] = field(default_factory=dict)   # protected/label column -> missing
+    skipped_columns: list[str] = field(default_factory=list)       # categorical, not in the default features
+    warnings: list[str] = field(default_factory=list)
 
 
 def _detect_sep(header_line: str) -> str:
@@ -149,6 +156,30 @@ def _codes(values: Sequence[str | None], names: list[str], dtype: type) -> np.nd
     return np.array([UNKNOWN if v is None else index[v] for v in values], dtype=dtype)
 
 
+def _mixed_column_error(table: Table, col: str, one_hot: bool) -> DataError | None:
+    """An error when column ``col`` holds numbers except for some cells, else None."""
+    values = table.values[col]
+    numbers = bad = 0
+    first_bad = -1
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        try:
+            float(value)
+            numbers += 1
+        except ValueError:
+            bad += 1
+            if first_bad < 0:
+                first_bad = i
+    if not numbers or not bad or bad > numbers:  # categorical (mostly words), not a broken numeric column
+        return None
+    return DataError(f"{table.path}, line {table.lines[first_bad]} (data row {first_bad}), column {col!r}: value "
+                     f"{values[first_bad]!r} is not a number, but {numbers} of the column's {numbers + bad} values "
+                     f"are ({bad} are not); it would be left out of the features. Fix the value, or mark it missing "
+                     f"('' or '?', then --drop-missing), or leave the column out (--exclude {col})"
+                     + ("" if one_hot else f", or encode it as categories (--features ... {col} --one-hot)"))
+
+
 def _first_non_number(values: Sequence[str | None]) -> tuple[int, str]:
     for i, value in enumerate(values):
         if value is not None:
@@ -183,9 +214,19 @@ def table_arrays(table: Table, protected: str | Sequence[str], label: str | None
     if label is not None and label in protected:
         raise DataError(f"column {label!r} is both the label and a protected attribute; choose different columns")
     numeric = {c: _as_numbers(table.values[c]) for c in table.columns}
+    skipped: list[str] = []
     if features is None:
         skip = set(protected) | {label} | set(exclude)
+        for c in table.columns:
+            if c not in skip and numeric[c] is None:
+                error = _mixed_column_error(table, c, one_hot)
+                if error is not None:
+                    raise error
         features = [c for c in table.columns if c not in skip and (numeric[c] is not None or one_hot)]
+        skipped = [c for c in table.columns if c not in skip and numeric[c] is None and not one_hot]
+        if skipped:
+            LOG.info("%s: categorical columns %s are not features (pass --one-hot to encode them)", table.path,
+                     skipped)
         if not features:
             raise DataError(f"{table.path}: no feature columns left (numeric columns other than "
                             f"{sorted(skip - {None})}); name them with --features, or pass --one-hot to use "
@@ -247,6 +288,7 @@ def table_arrays(table: Table, protected: str | Sequence[str], label: str | None
         std[constant] = 1.0
         x = (x - mean) / std
     missing_counts: dict[str, int] = {}
+    warnings: list[str] = []
     attrs, attribute_names = {}, {}
     for col in protected:
         values = [table.values[col][i] for i in keep]
@@ -256,6 +298,10 @@ def table_arrays(table: Table, protected: str | Sequence[str], label: str | None
         if len(groups) > np.iinfo(np.int16).max:
             raise DataError(f"{table.path}: protected column {col!r} has {len(groups)} distinct values; a protected "
                             "attribute must be a small set of groups")
+        if len(groups) == 1:
+            warnings.append(f"protected column {col!r} has a single group ({groups[0]!r}) in the rows kept: "
+                            "every clustering is trivially balanced for it; check the column (or the --limit)")
+            LOG.warning("%s: %s", table.path, warnings[-1])
         attrs[col] = _codes(values, groups, np.int16)
         attribute_names[col] = groups
         missing_counts[col] = int((attrs[col] == UNKNOWN).sum())
@@ -270,7 +316,7 @@ def table_arrays(table: Table, protected: str | Sequence[str], label: str | None
         missing_counts[label] = int((identity == UNKNOWN).sum())
     return TableData(emb=x.astype(np.float32), feature_names=names, identity=identity, identity_names=identity_names,
                      attrs=attrs, attribute_names=attribute_names, mean=mean, std=std, dropped_lines=dropped,
-                     missing_counts=missing_counts)
+                     missing_counts=missing_counts, skipped_columns=skipped, warnings=warnings)
 
 
 def load_table(path: str | Path, protected: str | Sequence[str], label: str | None = None, *,
@@ -311,7 +357,7 @@ def write_table_shards(out_dir: str | Path, path: str | Path, protected: str | S
         "dropped_lines_first": data.dropped_lines[:20], "features": data.feature_names, "one_hot": one_hot,
         "standardize": standardize, "feature_mean": _finite_list(data.mean), "feature_std": _finite_list(data.std),
         "protected": list(data.attribute_names), "label": label, "identity_names": data.identity_names,
-        "missing": data.missing_counts,
+        "missing": data.missing_counts, "skipped_columns": data.skipped_columns, "warnings": data.warnings,
     }
     LOG.info("%s: %d rows, %d features, groups %s", path, len(data.identity), len(data.feature_names),
              data.attribute_names)
