@@ -97,7 +97,7 @@ def make_set(root: Path, name: str, preset: str, identities: int, offset: int, a
     from dist_fair.data.synthetic import generate_synthetic_shards
     from dist_fair.io_atomic import atomic_save_npy
     from dist_fair.knn.graph import build_knn_graph
-    from dist_fair.knn.sequences import SequenceInputs, write_normalised_embeddings
+    from dist_fair.models.sequences import SequenceInputs, write_normalised_embeddings
 
     folder = root / name
     timings: dict[str, float] = {}

@@ -1,6 +1,6 @@
 """The distributed fair assignment: W workers return exactly the single-process labels.
 
-Two implementations of the Reducer protocol are exercised: threads sharing memory (quick, W = 3,
+Two implementations of the collective protocol (dist_fair.collective) are exercised: threads sharing memory (quick, W = 3,
 also checks the radix selection against a sort) and Ray actors on the simulated two-node cluster
 (the ``ray_cluster`` fixture, W = 2).
 """
@@ -13,30 +13,39 @@ import pytest
 
 from dist_fair.fair import Candidates, Shard, fair_assign, solve_shard, top_m_candidates
 from dist_fair.fair.auction import select_kth
-from dist_fair.fair.reducer import LocalReducer
+from dist_fair.collective import Collective, LocalCollective
 
 from test_fair_assign import instance
 
 
-class ThreadReducer:
-    """Reducer between threads of one process (a barrier per collective)."""
+class ThreadCollective:
+    """The collective protocol between threads of one process (a barrier per collective)."""
 
     def __init__(self, rank: int, world_size: int, shared: dict) -> None:
         self.rank, self.world_size, self.shared = rank, world_size, shared
 
-    def allgather(self, x):
-        self.shared["parts"][self.rank] = np.array(x, copy=True)
+    def _exchange(self, part):
+        self.shared["parts"][self.rank] = part
         self.shared["barrier"].wait()
         parts = list(self.shared["parts"])
         self.shared["barrier"].wait()
         return parts
 
-    def allreduce_sum(self, x):
-        parts = self.allgather(x)
+    def all_gather(self, x):
+        return [np.array(p, copy=True) for p in self._exchange(np.array(x, copy=True))]
+
+    def all_reduce_sum(self, x):
+        parts = self.all_gather(x)
         total = parts[0].copy()
         for part in parts[1:]:
             total = total + part
         return total
+
+    def broadcast(self, x, src=0):
+        return np.array(self._exchange(None if x is None else np.array(x, copy=True))[src], copy=True)
+
+    def barrier(self):
+        self._exchange(None)
 
 
 def run_threads(world_size: int, fn):
@@ -45,7 +54,9 @@ def run_threads(world_size: int, fn):
 
     def target(rank):
         try:
-            out[rank] = fn(rank, ThreadReducer(rank, world_size, shared))
+            collective = ThreadCollective(rank, world_size, shared)
+            assert isinstance(collective, Collective)  # the protocol's members are all there
+            out[rank] = fn(rank, collective)
         except Exception as err:  # noqa: BLE001 - re-raised below
             errors.append(err)
             shared["barrier"].abort()
@@ -70,9 +81,9 @@ def test_distributed_selection_equals_sorting(gather_limit):
     gid = rng.permutation(n).astype(np.int64)
     counts = np.bincount(pos, minlength=nseg)
     k = np.array([rng.integers(0, c + 2) for c in counts])  # includes k >= count (-> +inf)
-    want = select_kth(pos, bid, gid, k, LocalReducer())
+    want = select_kth(pos, bid, gid, k, LocalCollective())
     split = np.array_split(np.arange(n), 3)
-    got = run_threads(3, lambda r, red: select_kth(pos[split[r]], bid[split[r]], gid[split[r]], k, red,
+    got = run_threads(3, lambda r, coll: select_kth(pos[split[r]], bid[split[r]], gid[split[r]], k, coll,
                                                     gather_limit=gather_limit))
     for b, g in got:
         assert np.array_equal(b, want[0]) and np.array_equal(g, want[1])
@@ -89,9 +100,9 @@ def test_three_thread_workers_equal_one_process(eps, top_m, ties, radix, monkeyp
     cands = top_m_candidates(probs, top_m) if top_m else Candidates(probs, None, 8)
     split = np.array_split(np.random.default_rng(1).permutation(300), 3)  # non-contiguous shares
 
-    def solve(rank, reducer):
+    def solve(rank, collective):
         rows = np.sort(split[rank])
-        return rows, solve_shard(Shard(cands.rows(rows), groups[rows], rows), reducer, eps=eps, top_m=top_m)
+        return rows, solve_shard(Shard(cands.rows(rows), groups[rows], rows), collective, eps=eps, top_m=top_m)
 
     labels = np.full(300, -1)
     for rows, (part, report) in run_threads(3, solve):

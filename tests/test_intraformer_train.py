@@ -53,7 +53,7 @@ def brute_knn(emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def sequence_folders(tmp_path_factory):
     from dist_fair.data.shards import load_embeddings, load_labels
     from dist_fair.data.synthetic import generate_synthetic_shards
-    from dist_fair.knn.sequences import prepare_sequence_inputs
+    from dist_fair.models.sequences import prepare_sequence_inputs
 
     root = tmp_path_factory.mktemp("intraformer_data")
     generate_synthetic_shards(root / "shards", preset="skewed", identities=100, images_per_identity=10, dim=32,
@@ -102,7 +102,7 @@ def test_two_workers_train_the_intraformer(trained):
 
 @pytest.mark.ray
 def test_ray_inference_writes_every_row_once_equal_to_local_predictions(trained, tmp_path):
-    from dist_fair.knn.sequences import open_sequence_inputs
+    from dist_fair.models.sequences import open_sequence_inputs
     from dist_fair.models.edge_inference import predict_edge_probs, predict_probs
     from dist_fair.models.intraformer import build_model
     from dist_fair.models.intraformer_task import load_trained
@@ -215,7 +215,7 @@ def test_dist_fair_run_with_the_sequence_model_configs(ray_by_value, tmp_path, c
 
     from dist_fair import pipeline
     from dist_fair.config import load_config
-    from dist_fair.knn.sequences import TEST
+    from dist_fair.models.sequences import TEST
 
     root = Path(__file__).resolve().parents[1]
     overrides = [f"run_dir={tmp_path / 'run'}", "data.identities=80", "data.images_per_identity=8", "data.dim=32",

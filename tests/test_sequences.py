@@ -1,5 +1,5 @@
-"""dist_fair.knn.sequences: token sequences and targets against a brute-force loop, the identity
-split, the files written from shards, and the exactly-once streams."""
+"""dist_fair.models.sequences: token sequences and targets against a brute-force loop, the identity
+split (dist_fair.data.splits), the files written from shards, and the exactly-once streams."""
 from __future__ import annotations
 
 import itertools
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from dist_fair.errors import DataError
-from dist_fair.knn.sequences import (TEST, TRAIN, VAL, SequenceStreams, build_sequences, open_sequence_inputs,
-                                     prepare_sequence_inputs, split_samples)
+from dist_fair.models.sequences import (TEST, TRAIN, VAL, SequenceStreams, build_sequences, open_sequence_inputs,
+                                        prepare_sequence_inputs, split_samples)
 
 
 def small_graph(n: int = 30, k: int = 6, d: int = 5, seed: int = 0):
@@ -56,7 +56,7 @@ def test_inference_sequences_carry_no_labels():
 
 
 def test_split_by_identity_keeps_the_baselines_validation_identities():
-    from dist_fair.cluster.threshold import split_identities
+    from dist_fair.data.splits import split_identities
 
     identity = np.repeat(np.arange(50), 4)
     identity[:4] = -1
@@ -96,7 +96,7 @@ def test_prepared_files_from_shards(tmp_path):
 
 
 def test_streams_partition_anchors_exactly_once(tmp_path):
-    from dist_fair.knn.sequences import SequenceInputs
+    from dist_fair.models.sequences import SequenceInputs
 
     emb, nbrs, identity, _ = small_graph()
     for name, array in (("emb", emb), ("nbrs", nbrs), ("identity", identity)):

@@ -4,7 +4,8 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components as scipy_components
 
-from dist_fair.cluster.threshold import choose_threshold, split_identities, threshold_clusters, threshold_edges
+from dist_fair.cluster.threshold import choose_threshold, threshold_clusters, threshold_edges
+from dist_fair.data.splits import split_identities
 from dist_fair.data.synthetic import SyntheticSpec, synthetic_arrays
 from dist_fair.errors import DataError
 

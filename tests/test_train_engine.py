@@ -38,22 +38,23 @@ def counting_hook(ctx):
         ctx.forward(batch)  # under ZeRO-3 every worker must take part in each forward
         rows += batch_rows(batch)
         ids.append(batch["ids"].cpu().numpy())
-    all_ids = np.concatenate(ctx.collective.gather(np.concatenate(ids) if ids else np.zeros(0, np.int64)))
+    all_ids = np.concatenate(ctx.collective.all_gather(np.concatenate(ids) if ids else np.zeros(0, np.int64)))
     calls = int(ctx.state.get("calls", np.array(0))) + 1
     ctx.state["calls"] = np.array(calls)
-    return {"rows": float(ctx.collective.sum(rows)), "unique_ids": float(len(np.unique(all_ids))),
-            "calls": float(ctx.collective.sum(calls)) / ctx.world_size}
+    return {"rows": float(ctx.collective.all_reduce_sum(rows)), "unique_ids": float(len(np.unique(all_ids))),
+            "calls": float(ctx.collective.all_reduce_sum(calls)) / ctx.world_size}
 
 
 def loss_with_global_term(batch, logits, ctx):
     """The probe loss plus a logged global quantity computed with a collective inside the loss."""
     import torch
 
+    from dist_fair.collective import global_mean
     from dist_fair.train.probe import probe_loss
 
     loss, metrics = probe_loss(batch, logits, ctx)
     confidence = torch.softmax(logits.float(), dim=1).max(dim=1).values
-    metrics["global_confidence"] = ctx.collective.global_mean(confidence)
+    metrics["global_confidence"] = global_mean(ctx.collective, confidence)
     return loss, metrics
 
 

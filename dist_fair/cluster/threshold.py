@@ -2,8 +2,9 @@
 
 Edges (i, nbrs[i, j]) with score ``sims[i, j] > tau`` (cosine similarity, or a predicted edge
 probability) are joined by union-find; clusters are the connected components. ``tau`` is chosen on
-a labelled validation split of *identities* - the validation samples clustered with only the edges
-among themselves - by pairwise F (METHODS.md §7); the test identities' labels are never looked at.
+a labelled validation split of *identities* (:func:`dist_fair.data.splits.split_identities`) - the
+validation samples clustered with only the edges among themselves - by pairwise F (METHODS.md §7);
+the test identities' labels are never looked at.
 """
 from __future__ import annotations
 
@@ -55,18 +56,6 @@ class ThresholdChoice:
     tau: float
     val_fscore: float
     grid: list[dict] = field(default_factory=list)
-
-
-def split_identities(identity: np.ndarray, val_fraction: float, seed: int = 0) -> np.ndarray:
-    """Boolean mask of the validation samples: all samples of a random ``val_fraction`` of the
-    known identities (unknown identity, -1, is never in validation)."""
-    known = np.unique(identity[identity >= 0])
-    if known.size < 2:
-        raise DataError("choosing a threshold needs at least 2 labelled identities; set cluster.threshold instead")
-    rng = np.random.default_rng(seed)
-    n_val = max(1, int(round(val_fraction * known.size)))
-    val_ids = rng.choice(known, size=n_val, replace=False)
-    return np.isin(identity, val_ids)
 
 
 def choose_threshold(nbrs: np.ndarray, sims: np.ndarray, identity: np.ndarray, val_mask: np.ndarray,

@@ -14,7 +14,7 @@ Methods (all exact; they differ in speed and memory):
 - ``"auction"`` (default, ``"auto"``): eps-scaling auction over (group, cluster) prices
   (:mod:`~dist_fair.fair.auction`) plus an exact finish and duality-gap certificate
   (:mod:`~dist_fair.fair.finish`). O(N m) memory; runs distributed through a
-  :class:`~dist_fair.fair.reducer.Reducer` (:func:`solve_shard`).
+  :class:`~dist_fair.collective.Collective` (:func:`solve_shard`).
 - ``"exact"``: network simplex per group (POT ``ot.emd``; :mod:`~dist_fair.fair.exact`), dense.
 - ``"lp"``: one HiGHS LP (:mod:`~dist_fair.fair.lp`), the dissertation's approach.
 
@@ -35,7 +35,7 @@ from dist_fair.errors import DataError, DistFairError, InfeasibleError
 from dist_fair.fair.auction import AuctionOptions, Persons, Shard, make_places, run_auction
 from dist_fair.fair.candidates import Candidates, dense_candidates, top_m_candidates
 from dist_fair.fair.finish import FinishOptions, exact_finish
-from dist_fair.fair.reducer import LocalReducer, Reducer, agree_on_error, allreduce_max, broadcast
+from dist_fair.collective import Collective, LocalCollective, agree_on_error, all_reduce_max
 from dist_fair.fair.targets import FairTargets, check_groups, compute_targets
 
 LOG = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _count_matrix(groups: np.ndarray, labels: np.ndarray, t: int, k: int) -> np.
     return np.bincount(groups * k + labels, minlength=t * k).astype(np.int64).reshape(t, k)
 
 
-def solve_shard(shard: Shard, reducer: Reducer | None = None, *, n_groups: int | None = None,
+def solve_shard(shard: Shard, collective: Collective | None = None, *, n_groups: int | None = None,
                 rho: Any = None, eps: float = 0.0, targets: np.ndarray | None = None, top_m: int | None = None,
                 auction_options: AuctionOptions | None = None, finish_options: FinishOptions | None = None
                 ) -> tuple[np.ndarray, FairAssignReport]:
@@ -139,7 +139,7 @@ def solve_shard(shard: Shard, reducer: Reducer | None = None, *, n_groups: int |
 
     Args:
         shard: this worker's candidates, groups and global sample ids (ids unique across workers).
-        reducer: collectives between workers (:class:`LocalReducer` when None).
+        collective: collectives between workers (:class:`LocalCollective` when None).
         n_groups: T (default: ``len(rho)``, else the largest group id + 1 over all workers).
         rho, eps, targets: see :func:`dist_fair.fair.targets.compute_targets`.
         top_m: recorded in the report only (the shard's candidates already are top-m).
@@ -148,7 +148,7 @@ def solve_shard(shard: Shard, reducer: Reducer | None = None, *, n_groups: int |
         This worker's labels (aligned with ``shard``) and the global report (same on every worker).
     """
     start = time.perf_counter()
-    reducer = reducer or LocalReducer()
+    collective = collective or LocalCollective()
     cands = shard.cands
     k = cands.n_clusters
     error: Exception | None = None
@@ -160,15 +160,15 @@ def solve_shard(shard: Shard, reducer: Reducer | None = None, *, n_groups: int |
         t = int(n_groups)
     else:
         local_max = int(shard.groups.max()) if shard.groups.size else -1
-        t = int(allreduce_max(reducer, np.array([local_max], dtype=np.int64))[0]) + 1
+        t = int(all_reduce_max(collective, np.array([local_max], dtype=np.int64))[0]) + 1
     try:
         groups, _ = check_groups(shard.groups, cands.num_samples, t)
     except DistFairError as err:
         error, groups = err, np.zeros(cands.num_samples, dtype=np.int64)
-    agree_on_error(reducer, error)
+    agree_on_error(collective, error)
     shard = Shard(cands, groups, np.asarray(shard.ids, dtype=np.int64))
     argmax = cands.argmax()
-    sums = reducer.allreduce_sum(np.concatenate([
+    sums = collective.all_reduce_sum(np.concatenate([
         [cands.num_samples], _count_matrix(groups, argmax, t, k).ravel()]).astype(np.int64))
     n_total = int(sums[0])
     before = sums[1:].reshape(t, k)
@@ -176,21 +176,22 @@ def solve_shard(shard: Shard, reducer: Reducer | None = None, *, n_groups: int |
         fair = compute_targets(before.sum(axis=0), before.sum(axis=1), before, rho=rho, eps=eps, targets=targets)
     except DistFairError as err:
         error, fair = err, None
-    agree_on_error(reducer, error)
-    lower = broadcast(reducer, fair.lower.ravel() if reducer.rank == 0 else None, np.int64).reshape(t, k)
-    upper = broadcast(reducer, fair.upper.ravel() if reducer.rank == 0 else None, np.int64).reshape(t, k)
+    agree_on_error(collective, error)
+    root = collective.rank == 0
+    lower = np.asarray(collective.broadcast(fair.lower.ravel() if root else None), dtype=np.int64).reshape(t, k)
+    upper = np.asarray(collective.broadcast(fair.upper.ravel() if root else None), dtype=np.int64).reshape(t, k)
     fair = FairTargets(lower, upper, fair.cluster_sizes, fair.group_sizes, fair.rho, fair.eps, fair.notes)
     places = make_places(fair)
     persons = Persons(shard, places)
-    agree_on_error(reducer, _unreachable_error(persons, reducer))
-    state = run_auction(persons, reducer, auction_options)
-    result = exact_finish(persons, state, reducer, finish_options)
+    agree_on_error(collective, _unreachable_error(persons, collective))
+    state = run_auction(persons, collective, auction_options)
+    result = exact_finish(persons, state, collective, finish_options)
     labels = places.cluster_of(result.assign[:cands.num_samples]).astype(np.int64)
     after_local = _count_matrix(groups, labels, t, k).ravel()
     changed_local = int((labels != argmax).sum())
     argmax_value = float(cands.value_of(argmax).sum())
-    extra = reducer.allreduce_sum(np.concatenate([after_local, [changed_local]]).astype(np.int64))
-    argmax_total = float(reducer.allreduce_sum(np.array([argmax_value]))[0])
+    extra = collective.all_reduce_sum(np.concatenate([after_local, [changed_local]]).astype(np.int64))
+    argmax_total = float(collective.all_reduce_sum(np.array([argmax_value]))[0])
     after = extra[:-1].reshape(t, k)
     if not (np.array_equal(after.sum(axis=0), fair.cluster_sizes)
             and (after >= fair.lower).all() and (after <= fair.upper).all()):
@@ -205,7 +206,7 @@ def solve_shard(shard: Shard, reducer: Reducer | None = None, *, n_groups: int |
         samples_changed=int(extra[-1]), balance_before=balance_from_counts(before),
         balance_after=balance_from_counts(after), fairness_before=fairness_from_counts(before, fair.rho),
         fairness_after=fairness_from_counts(after, fair.rho), seconds=time.perf_counter() - start,
-        workers=reducer.world_size, rounds=state.rounds, phases=state.phases,
+        workers=collective.world_size, rounds=state.rounds, phases=state.phases,
         finish_iterations=result.iterations, augmented=result.augmented, cycles=result.cycles,
         finish_seconds=result.seconds,
         targets_fixed=fair.fixed, counts_after=after.tolist() if t * k <= 4096 else None,
@@ -213,11 +214,11 @@ def solve_shard(shard: Shard, reducer: Reducer | None = None, *, n_groups: int |
     return labels, report
 
 
-def _unreachable_error(persons: Persons, reducer: Reducer) -> Exception | None:
+def _unreachable_error(persons: Persons, collective: Collective) -> Exception | None:
     reason = persons.unreachable()
     if reason is not None:
         return InfeasibleError(reason)
-    listed = reducer.allreduce_sum(persons.listed_counts())
+    listed = collective.all_reduce_sum(persons.listed_counts())
     cap = persons.places.lower
     short = np.flatnonzero(listed < cap)
     if short.size:
@@ -302,7 +303,7 @@ def _fair_assign(cands: Candidates, groups: np.ndarray, rho, eps, method, top_m,
     n = cands.num_samples
     if method in ("auto", "auction"):
         shard = Shard(cands, np.asarray(groups), np.arange(n, dtype=np.int64))
-        labels, report = solve_shard(shard, LocalReducer(), n_groups=n_groups, rho=rho, eps=eps, targets=targets,
+        labels, report = solve_shard(shard, LocalCollective(), n_groups=n_groups, rho=rho, eps=eps, targets=targets,
                                      top_m=top_m, auction_options=auction_options, finish_options=finish_options)
         return FairAssignResult(labels, report)
     start = time.perf_counter()

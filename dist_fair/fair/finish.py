@@ -47,7 +47,7 @@ import numpy as np
 from dist_fair.errors import DistFairError, InfeasibleError
 from dist_fair.fair.auction import AuctionState, Persons, Places, select_kth
 from dist_fair.fair.candidates import BLOCK_ROWS
-from dist_fair.fair.reducer import Reducer, allgather_concat, allreduce_max, broadcast
+from dist_fair.collective import Collective, all_gather_concat, all_reduce_max
 
 LOG = logging.getLogger(__name__)
 
@@ -218,8 +218,8 @@ class _Exchange:
     """Exchange edges ``a -> b`` (key ``a * S + b``) with the cheapest raw move cost, identical on every
     worker, rebuilt per source cell when its members change."""
 
-    def __init__(self, persons: Persons, reducer: Reducer) -> None:
-        self.persons, self.reducer = persons, reducer
+    def __init__(self, persons: Persons, collective: Collective) -> None:
+        self.persons, self.collective = persons, collective
         self.size = persons.places.size
         self.key = np.zeros(0, dtype=np.int64)
         self.raw = np.zeros(0)
@@ -227,7 +227,7 @@ class _Exchange:
     def rebuild(self, rows: np.ndarray, assign, column, prices, threshold: float, cells: np.ndarray | None) -> None:
         """Recompute the edges out of ``cells`` (all cells when None) from the local ``rows``."""
         key, raw, _ = _exchange_candidates(self.persons, rows, assign, column, prices, threshold)
-        key, raw = _min_by_key(allgather_concat(self.reducer, key), allgather_concat(self.reducer, raw))
+        key, raw = _min_by_key(all_gather_concat(self.collective, key), all_gather_concat(self.collective, raw))
         if cells is None:
             self.key, self.raw = key, raw
             return
@@ -239,7 +239,7 @@ class _Exchange:
 
 
 def _cheapest_movers(persons: Persons, edges: np.ndarray, assign: np.ndarray, column: np.ndarray,
-                     reducer: Reducer) -> tuple[np.ndarray, np.ndarray]:
+                     collective: Collective) -> tuple[np.ndarray, np.ndarray]:
     """For each exchange edge (a, b): the member of a (over all workers) with the smallest raw cost
     ``y_a - y_b`` (then the largest id first, the :func:`key_less` order). Returns the local rows that
     must move and their target cells."""
@@ -263,7 +263,7 @@ def _cheapest_movers(persons: Persons, edges: np.ndarray, assign: np.ndarray, co
     pos = np.concatenate(pos_all) if pos_all else np.zeros(0, dtype=np.int64)
     cost = np.concatenate(cost_all) if cost_all else np.zeros(0)
     rows = np.concatenate(row_all) if row_all else np.zeros(0, dtype=np.int64)
-    thr_c, thr_g = select_kth(pos, cost, persons.gid[rows], np.zeros(edges.size, dtype=np.int64), reducer)
+    thr_c, thr_g = select_kth(pos, cost, persons.gid[rows], np.zeros(edges.size, dtype=np.int64), collective)
     pick = (cost == thr_c[pos]) & (persons.gid[rows] == thr_g[pos])
     return rows[pick], dst[pos[pick]]
 
@@ -309,7 +309,7 @@ def _shortest_path(places: Places, ex: _Exchange, p: np.ndarray, q: np.ndarray, 
     return dist[:size + k], path[::-1]
 
 
-def exact_finish(persons: Persons, state: AuctionState, reducer: Reducer,
+def exact_finish(persons: Persons, state: AuctionState, collective: Collective,
                  options: FinishOptions | None = None) -> FinishResult:
     """Make the auction's assignment exactly optimal and certify it (module docstring)."""
     start_time = time.perf_counter()
@@ -317,14 +317,14 @@ def exact_finish(persons: Persons, state: AuctionState, reducer: Reducer,
     places = persons.places
     size, k = places.size, places.n_clusters
     vmax = float(persons.value.max()) if persons.size else 0.0
-    scale = max(float(allreduce_max(reducer, np.array([vmax]))[0]), 1e-12)
+    scale = max(float(all_reduce_max(collective, np.array([vmax]))[0]), 1e-12)
     arc_delta, tol = opts.arc_delta * scale, opts.tolerance * scale
     assign, column = state.assign.copy(), state.column.copy()
     p, q = state.prices.copy(), state.cluster_prices.copy()
     # margins are needed only where the auction's bound (bid - price - eps_bid <= margin) is small
     assigned = assign >= 0
     bound = np.where(assigned, state.bids - p[np.maximum(assign, 0)] - state.bid_eps, -np.inf)
-    ex = _Exchange(persons, reducer)
+    ex = _Exchange(persons, collective)
     augmented = cycles = 0
     n_nodes = size + k
     for iteration in range(1, opts.max_iterations + 1):
@@ -334,8 +334,8 @@ def exact_finish(persons: Persons, state: AuctionState, reducer: Reducer,
         while True:
             near = np.flatnonzero((assign >= 0) & (bound < arc_delta))
             ex.rebuild(near, assign, column, p, arc_delta, None)
-            counts = reducer.allreduce_sum(np.bincount(assign[assign >= 0], minlength=size).astype(np.int64))
-            if reducer.rank == 0:
+            counts = collective.all_reduce_sum(np.bincount(assign[assign >= 0], minlength=size).astype(np.int64))
+            if collective.rank == 0:
                 src, dst, w = ex.key // size, ex.key % size, ex.raw
                 live = np.flatnonzero(places.upper > 0)
                 up, down = live[counts[live] < places.upper[live]], live[counts[live] > places.lower[live]]
@@ -347,19 +347,19 @@ def exact_finish(persons: Persons, state: AuctionState, reducer: Reducer,
                 payload_c = np.zeros(0, dtype=np.int64) if cycle is None else np.unique(ex.key[cycle[cycle < ex.key.size]])
             else:
                 payload_p = payload_c = None
-            phi = broadcast(reducer, payload_p, np.float64)
-            cycle_keys = broadcast(reducer, payload_c, np.int64)
+            phi = np.asarray(collective.broadcast(payload_p), dtype=np.float64)
+            cycle_keys = np.asarray(collective.broadcast(payload_c), dtype=np.int64)
             if cycle_keys.size == 0:
                 p, q = phi[:size], phi[size:]
                 break
-            rows, cells = _cheapest_movers(persons, cycle_keys, assign, column, reducer)
+            rows, cells = _cheapest_movers(persons, cycle_keys, assign, column, collective)
             _move(persons, rows, cells, assign, column)
             cycles += 1
             LOG.debug("finish: cancelled a negative cycle of %d moves", cycle_keys.size)
             bound[rows] = -np.inf
         # ---- 2. shortest augmenting paths for the unassigned samples
         waiting = np.flatnonzero(assign < 0)
-        n_wait = int(reducer.allreduce_sum(np.array([waiting.size], dtype=np.int64))[0])
+        n_wait = int(collective.all_reduce_sum(np.array([waiting.size], dtype=np.int64))[0])
         limit = arc_delta
         drop = 0.0
         rebuild = False
@@ -374,10 +374,10 @@ def exact_finish(persons: Persons, state: AuctionState, reducer: Reducer,
             rc = v.max(axis=1, keepdims=True) - v if waiting.size else v
             cells = persons.groups[waiting][:, None] * k + cl
             ok = np.isfinite(rc)
-            s_cell = allgather_concat(reducer, cells[ok])
-            s_w = allgather_concat(reducer, rc[ok])
-            s_gid = allgather_concat(reducer, np.broadcast_to(persons.gid[waiting][:, None], cells.shape)[ok])
-            if reducer.rank == 0:
+            s_cell = all_gather_concat(collective, cells[ok])
+            s_w = all_gather_concat(collective, rc[ok])
+            s_gid = all_gather_concat(collective, np.broadcast_to(persons.gid[waiting][:, None], cells.shape)[ok])
+            if collective.rank == 0:
                 order = np.lexsort((s_gid, s_w, s_cell))
                 s_cell, s_w, s_gid = s_cell[order], s_w[order], s_gid[order]
                 first = np.concatenate([[True], s_cell[1:] != s_cell[:-1]]) if s_cell.size else np.zeros(0, bool)
@@ -392,8 +392,8 @@ def exact_finish(persons: Persons, state: AuctionState, reducer: Reducer,
                     payload_i = np.concatenate([[who], path[1:]])
             else:
                 payload_i = payload_p = None
-            found_i = broadcast(reducer, payload_i, np.int64)
-            new_pq = broadcast(reducer, payload_p, np.float64)
+            found_i = np.asarray(collective.broadcast(payload_i), dtype=np.int64)
+            new_pq = np.asarray(collective.broadcast(payload_p), dtype=np.float64)
             if found_i.size == 0:
                 if np.isfinite(limit):
                     limit = limit * opts.growth if limit * opts.growth < 1e6 * scale else np.inf
@@ -410,7 +410,7 @@ def exact_finish(persons: Persons, state: AuctionState, reducer: Reducer,
             hops = [(int(nodes[i]), int(nodes[i + 1])) for i in range(len(nodes) - 1)
                     if nodes[i] < size and nodes[i + 1] < size]
             edge_keys = np.array([a * size + b for a, b in hops], dtype=np.int64)
-            rows, targets = _cheapest_movers(persons, edge_keys, assign, column, reducer)
+            rows, targets = _cheapest_movers(persons, edge_keys, assign, column, collective)
             mine = np.flatnonzero(persons.gid[waiting] == who)
             _move(persons, rows, targets, assign, column)
             if mine.size:
@@ -421,17 +421,17 @@ def exact_finish(persons: Persons, state: AuctionState, reducer: Reducer,
             changed = changed[changed < size]
             members = np.flatnonzero(np.isin(assign, changed))
             ex.rebuild(members, assign, column, p, limit, changed)
-            counts = reducer.allreduce_sum(np.bincount(assign[assign >= 0], minlength=size).astype(np.int64))
+            counts = collective.all_reduce_sum(np.bincount(assign[assign >= 0], minlength=size).astype(np.int64))
             waiting = np.flatnonzero(assign < 0)
             n_wait -= 1
             augmented += 1
         # ---- 3. verification over every sample and option, 4. certificate
         margins, best_sum, primal = _scan(persons, np.arange(persons.size), assign, column, p)
-        counts = reducer.allreduce_sum(np.bincount(assign, minlength=size).astype(np.int64))
+        counts = collective.all_reduce_sum(np.bincount(assign, minlength=size).astype(np.int64))
         bad_cells = _cell_violations(places, counts, p, q, tol)
-        n_bad = int(reducer.allreduce_sum(np.array([(margins < -tol).sum()], dtype=np.int64))[0])
+        n_bad = int(collective.all_reduce_sum(np.array([(margins < -tol).sum()], dtype=np.int64))[0])
         if n_bad == 0 and not bad_cells.any():
-            sums = reducer.allreduce_sum(np.array([primal, best_sum]))
+            sums = collective.all_reduce_sum(np.array([primal, best_sum]))
             live = places.upper > 0
             d = np.where(live, p - np.tile(q, places.n_groups), 0.0)
             dual = float(sums[1] + np.sum(np.maximum(d * places.lower, d * places.upper))

@@ -26,10 +26,11 @@ would otherwise pull ``gamma_f`` (and ``mean_i FM_i``) down by the fraction of s
 - BCE: ``-mean_{ij: m_ij} [t_ij log p_ij + (1 - t_ij) log(1 - p_ij)]`` (from logits, stable);
 - total: ``L = L_FM + lambda * L_pen + beta * L_BCE``.
 
-Distribution: global quantities go through a ``collective`` (``dist_fair.train.collective.Collective``
-or anything with its ``sum`` and ``global_mean``); without a process group it is the identity,
-so the same code gives the single-process value. Gradients are averaged over the W workers by the
-engine (DeepSpeed), which is right for per-anchor means (equal per-worker batches). The group
+Distribution: global quantities go through a ``collective`` (:class:`dist_fair.collective.Collective`;
+by default :func:`~dist_fair.collective.default_collective`: the training group's inside one, the
+single-process identity outside), so the same code gives the single-process value. Gradients are
+averaged over the W workers by the engine (DeepSpeed), which is right for per-anchor means (equal
+per-worker batches). The group
 means are global: each worker differentiates ``mu_t`` only through its own anchors
 (``d mu_t / d gamma_i = 1 / C_t``, C_t the global count), so the group term is multiplied by W
 before averaging; the summed gradient is then exactly the single-process gradient.
@@ -40,21 +41,18 @@ in every collective.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from dist_fair.collective import Collective, default_collective, global_mean
 
 EPS = 1e-6
 PENALTIES = ("none", "upper_bound", "group")
 
 
-def _collective(collective: Any) -> Any:
-    if collective is not None:
-        return collective
-    from dist_fair.train.collective import Collective
-
-    return Collective()
+def _collective(collective: Collective | None) -> Collective:
+    return default_collective() if collective is None else collective
 
 
 def soft_counts(probs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None
@@ -83,21 +81,21 @@ def _mean(values: torch.Tensor) -> torch.Tensor:
     return values.sum() / max(int(values.numel()), 1)
 
 
-def purity_penalty(gamma: torch.Tensor, collective: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def purity_penalty(gamma: torch.Tensor, collective: Collective | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper-bound form: ``L_pur = mean_i |gamma_i - gamma_f|``, ``gamma_f`` = global mean purity.
 
     Returns:
         ``(L_pur, gamma_f)``; ``gamma_f`` is detached and identical on every worker (one
         all-reduce of the local sum and count; a worker with no anchors contributes (0, 0)).
     """
-    gamma_f = _collective(collective).global_mean(gamma.detach().double()).to(gamma.dtype)
+    gamma_f = global_mean(_collective(collective), gamma.detach().double()).to(gamma.dtype)
     if not torch.isfinite(gamma_f):  # no anchor anywhere
         gamma_f = torch.zeros((), dtype=gamma.dtype, device=gamma.device)
     return _mean((gamma - gamma_f).abs()), gamma_f
 
 
-def group_purity_means(gamma: torch.Tensor, groups: torch.Tensor, num_groups: int, collective: Any = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def group_purity_means(gamma: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                       collective: Collective | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean purity over the global batch, ``mu_t``, differentiable through this worker's
     anchors, and the global counts ``C_t``. Anchors with ``groups < 0`` (unknown) are ignored."""
     known = groups >= 0
@@ -107,7 +105,7 @@ def group_purity_means(gamma: torch.Tensor, groups: torch.Tensor, num_groups: in
     local_count = torch.zeros(num_groups, dtype=torch.float64, device=gamma.device).index_add(
         0, index, weight.double())
     packed = torch.cat([local_sum.detach().double(), local_count])
-    total = _collective(collective).sum(packed)
+    total = _collective(collective).all_reduce_sum(packed)
     global_sum = total[:num_groups].to(gamma.dtype)
     counts = total[num_groups:]
     # value = global_sum / C_t; gradient = d(local_sum) / C_t (straight through the other workers)
@@ -115,8 +113,8 @@ def group_purity_means(gamma: torch.Tensor, groups: torch.Tensor, num_groups: in
     return means, counts
 
 
-def group_purity_spread(gamma: torch.Tensor, groups: torch.Tensor, num_groups: int, collective: Any = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_purity_spread(gamma: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                        collective: Collective | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group-aware form: ``L_grp = (1/T') sum_t |mu_t - mu_bar|`` over the T' groups present in the
     global batch, ``mu_bar`` their unweighted mean (detached).
 
@@ -175,7 +173,7 @@ class LossConfig:
 
 
 def clustering_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, config: LossConfig,
-                    groups: torch.Tensor | None = None, collective: Any = None
+                    groups: torch.Tensor | None = None, collective: Collective | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The total loss ``L = L_obj + lambda * L_pen + beta * L_BCE`` and detached metrics.
 
@@ -183,7 +181,7 @@ def clustering_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
         logits: B x L token logits; targets: B x L in {0, 1}; mask: B x L, True where a token counts.
         config: the terms (:class:`LossConfig`).
         groups: B protected group indices (-1 unknown), for the ``group`` penalty.
-        collective: global sums/means (default: the engine's, the identity outside a process group).
+        collective: global sums/means (default: :func:`~dist_fair.collective.default_collective`).
 
     Returns:
         ``(loss, metrics)``; metrics hold each term's value, ``gamma_f`` (the global mean purity)

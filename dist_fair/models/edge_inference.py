@@ -23,7 +23,7 @@ import numpy as np
 from dist_fair.errors import DataError, DistFairError
 from dist_fair.faults import kill_point
 from dist_fair.io_atomic import atomic_path, atomic_save_npy
-from dist_fair.knn.sequences import SequenceInputs
+from dist_fair.models.sequences import SequenceInputs
 
 LOG = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The Intraformer / Clusformer as a ``TrainTask`` for the engine (``dist_fair.train``).
 
 Each Ray Train worker streams sequence blocks of its disjoint share of the training anchors
-(:class:`dist_fair.knn.sequences.SequenceStreams`, built from memory-mapped ``emb.npy`` and the kNN
+(:class:`dist_fair.models.sequences.SequenceStreams`, built from memory-mapped ``emb.npy`` and the kNN
 graph), runs ``logits = model(tokens, valid)`` and the loss of :mod:`dist_fair.losses.clustering`
 with the engine's collective, so ``gamma_f`` (and the group means of the group-aware penalty) is
 computed over the GLOBAL batch. The Intraformer minimises soft Fowlkes-Mallows plus lambda times
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dist_fair.errors import ConfigError
-from dist_fair.knn.sequences import TRAIN, VAL, SequenceInputs, SequenceStreams
+from dist_fair.models.sequences import TRAIN, VAL, SequenceInputs, SequenceStreams
 from dist_fair.losses.clustering import LossConfig
 from dist_fair.models.intraformer import ModelSpec
 from dist_fair.models.registry import model_names
@@ -103,10 +103,10 @@ def sequence_task(spec: ModelSpec, inputs: SequenceInputs, train_rows: np.ndarra
 
 
 def task_from_folders(job: Any, seq_dir: str | Path, knn_dir: str | Path) -> TrainTask:
-    """The task of ``job.train`` over a sequences folder (``dist_fair.knn.sequences``) and a kNN
+    """The task of ``job.train`` over a sequences folder (``dist_fair.models.sequences``) and a kNN
     graph folder: training anchors = the training split, evaluation = up to
     ``train.eval_anchors`` validation anchors (a seeded random subset)."""
-    from dist_fair.knn.sequences import SPLIT_NAME, open_sequence_inputs
+    from dist_fair.models.sequences import SPLIT_NAME, open_sequence_inputs
 
     train = job.train
     info = json.loads((Path(seq_dir) / "sequences.json").read_text(encoding="utf-8"))

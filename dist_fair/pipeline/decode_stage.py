@@ -30,7 +30,7 @@ def _decode(config: Any, folder: Path, shards: StageOutcome, knn: StageOutcome, 
             infer: StageOutcome | None, neighbours: int | None = None) -> dict[str, Any]:
     from dist_fair.cluster.edges import choose_decoding, decode_edges
     from dist_fair.cluster.peak import neighbour_confidence
-    from dist_fair.cluster.threshold import split_identities
+    from dist_fair.data.splits import split_identities
     from dist_fair.data.shards import load_labels
 
     cluster = config.cluster
@@ -38,7 +38,7 @@ def _decode(config: Any, folder: Path, shards: StageOutcome, knn: StageOutcome, 
     labels = load_labels(shards.folder)
     val_mask = eval_mask = None
     if seqs is not None:
-        from dist_fair.knn.sequences import SPLIT_NAME, TEST, VAL
+        from dist_fair.models.sequences import SPLIT_NAME, TEST, VAL
 
         split = np.load(seqs.folder / SPLIT_NAME, allow_pickle=False)
         val_mask, eval_mask = split == VAL, split == TEST

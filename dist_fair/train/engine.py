@@ -272,11 +272,11 @@ class _Accumulator:
         """All-reduced means over workers (one collective; every worker must call it)."""
         import numpy as np
 
-        from dist_fair.train.collective import all_reduce_mean
+        from dist_fair.collective import TorchCollective, all_reduce_mean
 
         keys = sorted(self.sums)
         totals = np.array([float(self.sums[k]) for k in keys], dtype=np.float64)
-        means = all_reduce_mean(totals, float(self.rows)) if keys else np.zeros(0)
+        means = all_reduce_mean(TorchCollective(), totals, float(self.rows)) if keys else np.zeros(0)
         self.sums, self.rows = {}, 0
         return {k: float(v) for k, v in zip(keys, np.atleast_1d(means))}
 
@@ -306,7 +306,7 @@ def _lockstep(batches: Iterator[dict[str, Any]], template: dict[str, Any]) -> It
     """Yield ``batches`` in lockstep across workers: every worker yields the same number of batches,
     those whose share is exhausted yield ``template`` (an empty batch). One 1-element all-reduce
     per batch decides when all are done."""
-    from dist_fair.train.collective import all_reduce_sum
+    from dist_fair.collective import TorchCollective
 
     exhausted = False
     while True:
@@ -314,7 +314,7 @@ def _lockstep(batches: Iterator[dict[str, Any]], template: dict[str, Any]) -> It
         if not exhausted:
             batch = next(batches, None)
             exhausted = batch is None
-        if all_reduce_sum(0 if exhausted else 1) == 0:
+        if TorchCollective().all_reduce_sum(0 if exhausted else 1) == 0:
             return
         yield template if batch is None else batch
 
@@ -342,8 +342,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import CheckpointUploadMode
 
+    from dist_fair.collective import TorchCollective
     from dist_fair.train import checkpoint as ckpt_io
-    from dist_fair.train.collective import Collective, all_gather_arrays, all_reduce_sum
     from dist_fair.train.deepspeed_env import import_deepspeed
     from dist_fair.train.stream import batches
     from dist_fair.train.task import TrainContext
@@ -379,8 +379,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     steps_per_epoch = int(config["steps_per_epoch"])
     total_steps = steps_per_epoch * train.epochs
     to_batch = _batch_converter(device, dtype, task.float_keys)
-    ctx = TrainContext(rank=rank, world_size=world, device=device, dtype=dtype, collective=Collective(), model=engine,
-                       task=task, batch_size=micro)
+    ctx = TrainContext(rank=rank, world_size=world, device=device, dtype=dtype, collective=TorchCollective(),
+                       model=engine, task=task, batch_size=micro)
 
     # ---- resume
     step, start_epoch, start_in_epoch, resumed_from = 0, 0, 0, None
@@ -394,7 +394,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     ctx.step = step
 
     log = MetricsLog(train_dir / METRICS_FILE) if rank == 0 else None
-    node_ids = all_gather_arrays(np.frombuffer(ray.get_runtime_context().get_node_id().encode(), dtype=np.uint8))
+    node_id = np.frombuffer(ray.get_runtime_context().get_node_id().encode(), dtype=np.uint8)
+    node_ids = ctx.collective.all_gather(node_id)
     if log is not None:
         attempt = 1 + sum(1 for r in log.records if r.get("event") == "start")
         log.append({"event": "start", "attempt": attempt, "resumed_from_step": resumed_from, "step": step,
@@ -482,7 +483,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
             epoch_seconds = time.perf_counter() - epoch_start
             # CPU seconds of all workers' processes (every thread) for this epoch's steps: samples
             # per CPU-second measures the engine's efficiency even on a machine shared with other jobs.
-            epoch_cpu = all_reduce_sum(time.process_time() - epoch_cpu_start)
+            epoch_cpu = ctx.collective.all_reduce_sum(time.process_time() - epoch_cpu_start)
             epoch_times.append(epoch_seconds)
             record: dict[str, Any] = {"epoch": epoch, "step": step,
                                       "samples_per_s": (step - epoch_samples_start) * train.batch_size / epoch_seconds,
@@ -508,7 +509,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     # ---- final weights and the closing record
     ckpt_io.export_model(engine, train_dir / MODEL_FILE, rank, stage)
-    peaks = all_gather_arrays(np.array([_peak_rss_mib()], dtype=np.float64))
+    peaks = ctx.collective.all_gather(np.array([_peak_rss_mib()], dtype=np.float64))
     if log is not None:
         last_epoch = [r for r in log.records if r.get("event") == "epoch"]
         final = {k: v for k, v in (last_epoch[-1] if last_epoch else {}).items() if k not in ("event", "time")}

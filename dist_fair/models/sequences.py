@@ -20,11 +20,12 @@ splits, -1 for the test split, so that no test label ever reaches a loss; traini
 all training samples, validation anchors only monitor the validation loss) and the anchors'
 protected groups (``group.npy``).
 
-The identity split (``split.npy``, int8 per sample): validation identities are chosen exactly as
-the kNN + threshold baseline chooses them (``dist_fair.cluster.threshold.split_identities`` with
-the same fraction and seed), then a fraction ``train_fraction`` of the remaining known
-identities trains the model and the rest is the test split that the report evaluates. Thresholds
-are chosen on the validation identities only.
+The identity split (``split.npy``, int8 per sample) is :func:`dist_fair.data.splits.split_samples`:
+validation identities are chosen exactly as the kNN + threshold baseline chooses them
+(``split_identities`` with the same fraction and seed), then a fraction ``train_fraction`` of the
+remaining known identities trains the model and the rest is the test split that the report
+evaluates. Thresholds are chosen on the validation identities only. (``TEST``, ``TRAIN``,
+``VAL`` and ``split_samples`` are re-exported here for the readers of ``split.npy``.)
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from dist_fair.data.splits import SPLIT_NAMES, TEST, TRAIN, VAL, split_samples
 from dist_fair.errors import DataError
 from dist_fair.io_atomic import atomic_path, atomic_save_npy, atomic_write_json
 
@@ -47,8 +49,6 @@ VISIBLE_IDENTITY_NAME = "visible_identity.npy"
 GROUP_NAME = "group.npy"
 INFO_NAME = "sequences.json"
 
-TEST, TRAIN, VAL = 0, 1, 2
-SPLIT_NAMES = {TEST: "test", TRAIN: "train", VAL: "val"}
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -88,30 +88,6 @@ def build_sequences(emb: np.ndarray, nbrs: np.ndarray, rows: np.ndarray, seq_len
     if groups is not None:
         out["group"] = np.asarray(groups[rows], dtype=np.int64)
     return out
-
-
-def split_samples(identity: np.ndarray, val_fraction: float, train_fraction: float, seed: int = 0) -> np.ndarray:
-    """Per-sample split (int8: TEST 0, TRAIN 1, VAL 2) by identity; unknown identities are TEST.
-
-    VAL: ``split_identities(identity, val_fraction, seed)`` (the baseline's validation split);
-    TRAIN: ``round(train_fraction * R)`` of the R remaining known identities, drawn with seed
-    ``seed + 1``; TEST: the rest.
-    """
-    from dist_fair.cluster.threshold import split_identities
-
-    if not 0.0 < train_fraction < 1.0:
-        raise DataError(f"train_fraction must be in (0, 1), got {train_fraction}")
-    val = split_identities(identity, val_fraction, seed=seed)
-    rest = np.unique(identity[(identity >= 0) & ~val])
-    if rest.size < 2:
-        raise DataError(f"only {rest.size} identities are left after the validation split; training and testing "
-                        "need at least one identity each - use more identities or a smaller cluster.val_fraction")
-    n_train = min(max(1, int(round(train_fraction * rest.size))), rest.size - 1)
-    chosen = np.random.default_rng(seed + 1).choice(rest, size=n_train, replace=False)
-    split = np.full(identity.shape[0], TEST, dtype=np.int8)
-    split[np.isin(identity, chosen)] = TRAIN
-    split[val] = VAL
-    return split
 
 
 # ----------------------------------------------------------------------------- files
@@ -291,4 +267,5 @@ class SequenceStreams:
 
 
 __all__ = ["build_sequences", "split_samples", "write_normalised_embeddings", "SequenceInputs",
-           "prepare_sequence_inputs", "open_sequence_inputs", "SequenceStreams", "TEST", "TRAIN", "VAL"]
+           "prepare_sequence_inputs", "open_sequence_inputs", "SequenceStreams", "SPLIT_NAMES", "TEST", "TRAIN",
+           "VAL"]
