@@ -151,3 +151,33 @@ def test_descriptor_shards_normalised_with_identity_and_attributes(tmp_path, lfw
     assert manifest.source["no_face_ids"] == np.nonzero(data["no_face"])[0].tolist()
     assert json.loads((tmp_path / "dlib" / IDENTITY_NAMES_FILE).read_text()) == lfw.identity_names
     assert manifest.source["attribute_unknown"]["gender"] == {"missing": 3, "conflicting": 5}
+
+
+def test_command_line_descriptors_and_refusals(tmp_path, lfw_dir, capsys):
+    out = tmp_path / "dlib"
+    assert cli_main(["shards", "lfw", "--input", str(lfw_dir), "--descriptors", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "embeddings" and manifest["num_samples"] == 13_233
+    assert [s["name"] for s in manifest["shards"]][:2] == ["lfw-dlib128-000000.tar", "lfw-dlib128-000001.tar"]
+    assert cli_main(["shards", "lfw", "--input", str(lfw_dir), "--descriptors", "--limit", "5",
+                     "--out", str(tmp_path / "x")]) == 1
+    assert "--limit, --people-limit, --min-images and --skip-bad apply to images only" in capsys.readouterr().err
+    assert cli_main(["shards", "lfw", "--input", str(tmp_path), "--out", str(tmp_path / "y")]) == 1
+    assert "neither lfw-deepfunneled-*.tar nor a lfw-deepfunneled/ folder found" in capsys.readouterr().err
+
+
+def test_extracted_folder_equals_the_tars(tmp_path, lfw, lfw_dir):
+    import shutil
+
+    with tarfile.open(lfw_dir / "lfw-deepfunneled-00.tar") as tar:
+        for entry in lfw.entries[:12]:
+            target = tmp_path / entry.member
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(entry.member).read())
+    for name in ("lfw_female_names.txt", "lfw_male_names.txt", "lfw_race_dict.json"):
+        shutil.copy(lfw_dir / name, tmp_path / name)
+    extracted = scan_lfw(tmp_path)
+    assert extracted.file_names == lfw.file_names[:12]
+    assert [e.identity for e in extracted.entries] == [e.identity for e in lfw.entries[:12]]
+    assert [e.attrs for e in extracted.entries] == [e.attrs for e in lfw.entries[:12]]
+    assert extracted.entries[0].member is None and extracted.entries[0].name == f"{lfw.scan.persons[0]}/AJ_Cook_0001.jpg"

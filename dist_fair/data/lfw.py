@@ -133,26 +133,18 @@ def write_lfw_descriptor_shards(out_dir: str | Path, lfw_dir: str | Path, descri
     race joined as for the images; ``source["no_face"]`` counts the rows without a detected face."""
     import numpy as np
 
-    from dist_fair.data.features import npz_array, write_feature_shards
+    from dist_fair.data.features import npz_array, npz_keys, write_feature_shards
 
     descriptors = Path(descriptors) if descriptors is not None else Path(lfw_dir) / DESCRIPTORS
-    no_face = np.asarray(npz_array(descriptors, "no_face")) if _has_key(descriptors, "no_face") else None
+    if not descriptors.is_file():
+        raise DataError(f"LFW descriptors {descriptors} not found; pass the lfw_dlib128.npz file (data/README.md)")
+    no_face = np.asarray(npz_array(descriptors, "no_face")) if "no_face" in npz_keys(descriptors) else None
     extra = {} if no_face is None else {"no_face": int(no_face.sum()),
                                         "no_face_ids": np.nonzero(no_face)[0].tolist()}
     return write_feature_shards(out_dir, descriptors, emb_key="emb", names_key="names",
                                 attribute_files=lfw_attribute_files(lfw_dir), multi_label=multi_label,
                                 shard_rows=shard_rows, dtype=dtype, workers=workers, prefix=prefix,
                                 extra_source=dict(extra, source_preset="lfw"))
-
-
-def _has_key(path: Path, key: str) -> bool:
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return f"{key}.npy" in archive.namelist()
-    except (OSError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from err
 
 
 # --------------------------------------------------------------------------- command line
