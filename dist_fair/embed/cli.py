@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=argparse.SUPPRESS,
                         help="timm models only: seed of the random initialisation when there is no --checkpoint "
                              "(default 0)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
                         help="images per embedder call (and per progress update); default: the model's own "
                              "(64 for timm, 16 for dlib-resnet)")
     parser.add_argument("--workers", type=int, default=1,
@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     if args.workers > 1:
         init_ray(address=args.address)
     options = {name: getattr(args, name) for name in MODEL_OPTIONS if hasattr(args, name)}
-    run = run_embed(args.shards, args.out, args.model, batch_size=args.batch_size, workers=args.workers,
+    run = run_embed(args.shards, args.out, args.model, batch_size=getattr(args, "batch_size", None), workers=args.workers,
                     dtype=args.dtype, progress=not args.no_progress, **options)
     print(json.dumps({"out": args.out, "model": args.model, "workers": args.workers,
                       "random_weights": run.manifest.source.get("random_weights"), **run.summary()}, indent=2))

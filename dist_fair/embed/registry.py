@@ -106,9 +106,10 @@ def _load_builtins() -> None:
 
 
 def list_embedders() -> dict[str, str]:
-    """Registered names (families as ``<family>:<model>``) -> one-line description."""
+    """Registered names (families as ``<family>:<model>``, after the exact names) -> one-line description."""
     _load_builtins()
-    return {(f"{e.name}:<model>" if e.matches else e.name): e.description for e in _REGISTRY.values()}
+    entries = sorted(_REGISTRY.values(), key=lambda e: (e.matches is not None, e.name))  # exact names first
+    return {(f"{e.name}:<model>" if e.matches else e.name): e.description for e in entries}
 
 
 def embedder_choices() -> str:
