@@ -22,9 +22,12 @@ Sources:
   ``40-59``, ``60+``; bucket = number of edges <= age). UTKFace has no identities (all -1). Ids
   follow the file name (then the container) in sorted order.
 
-Every image is checked while it is written: it must start with the JPEG marker ``FF D8 FF`` and
-PIL must identify it as JPEG (``check="header"``) and, by default, decode it completely
-(``check="decode"``, which catches truncated files). A bad image is an error naming the file;
+Every image is checked while it is written: it must start with the JPEG marker ``FF D8 FF``, PIL
+must identify it as JPEG and its header must declare at most ``MAX_IMAGE_PIXELS`` pixels (a
+decompression bomb - a small file that decodes to gigabytes - is refused before decoding;
+``check="header"``) and, by default, it must decode completely (``check="decode"``, which catches
+truncated files). Tar members are checked by ``tar_safety`` (no links, devices, absolute or ``..``
+names; a JPEG member may declare at most ``MAX_IMAGE_BYTES``). A bad image is an error naming the file;
 with ``skip_bad`` a first pass finds the bad images (in parallel with ``workers > 1``), leaves them
 out and records their number and the first names in ``source["skipped_bad"]`` and
 ``source["bad_files_first"]``.
@@ -45,6 +48,7 @@ import numpy as np
 
 from dist_fair.data.schema import Manifest
 from dist_fair.data.shards import ImageRecord, ShardPlan, plan_shards, write_shard_set
+from dist_fair.data.tar_safety import check_tar_member
 from dist_fair.errors import DataError
 from dist_fair.io_atomic import atomic_write_json
 
@@ -57,6 +61,12 @@ IDENTITY_NAMES_FILE = "identity_names.json"
 UTK_RACES = ["White", "Black", "Asian", "Indian", "Other"]
 UTK_GENDERS = ["male", "female"]
 UTK_AGE_EDGES = (20, 40, 60)
+
+#: Most pixels an image may declare (PIL's own default limit, applied explicitly and strictly: PIL
+#: only warns between 1x and 2x of it).
+MAX_IMAGE_PIXELS = 89_478_485
+#: Most bytes one JPEG member of a tar archive may declare in its header.
+MAX_IMAGE_BYTES = 64 << 20
 
 
 @dataclass
@@ -106,6 +116,23 @@ class EntryReader:
         self.close()
 
 
+def pixel_count_problem(width: int, height: int, limit: int = MAX_IMAGE_PIXELS) -> str | None:
+    """Why an image of ``width`` x ``height`` must not be decoded (a decompression bomb), or None."""
+    pixels = int(width) * int(height)
+    if pixels > limit:
+        return (f"decompression bomb: the header declares {width} x {height} = {pixels:,} pixels, more than "
+                f"the {limit:,} allowed (dist_fair.data.images.MAX_IMAGE_PIXELS); it is not decoded")
+    return None
+
+
+def check_image_pixels(image: Any, where: str) -> None:
+    """Raise ``DataError`` when an opened (not yet decoded) PIL image is a decompression bomb; for
+    every decoder of untrusted JPEG bytes (call between ``Image.open`` and ``load``/``convert``)."""
+    problem = pixel_count_problem(*image.size)
+    if problem:
+        raise DataError(f"{where}: {problem}; delete or replace the image (or rewrite the shard without it)")
+
+
 def jpeg_problem(data: bytes, check: str = "decode") -> str | None:
     """Why ``data`` is not a usable JPEG, or None when it is (``check``: "header" or "decode")."""
     from PIL import Image, UnidentifiedImageError
@@ -116,11 +143,16 @@ def jpeg_problem(data: bytes, check: str = "decode") -> str | None:
         with Image.open(io.BytesIO(data)) as image:
             if image.format != "JPEG":
                 return f"PIL reads it as {image.format}, not JPEG"
+            bomb = pixel_count_problem(*image.size)
+            if bomb:
+                return bomb
             if check == "decode":
                 image.load()
     except UnidentifiedImageError:
         return "unreadable JPEG (PIL cannot identify it as an image)"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        return f"decompression bomb ({err}); it is not decoded"
+    except (OSError, SyntaxError, ValueError) as err:
         return f"unreadable JPEG ({err})"
     return None
 
@@ -360,9 +392,15 @@ def _utkface_files(inputs: Sequence[str | Path]) -> list[tuple[str, ImageEntry]]
             found += [(p.name, ImageEntry(str(p.relative_to(item)), str(p), None, 0, p.stat().st_size, None, {}))
                       for p in files]
         elif item.is_file():
+            size = item.stat().st_size
             try:
                 with tarfile.open(item, "r:") as tar:
-                    members = [m for m in tar if m.isfile() and m.name.lower().endswith(".jpg")]
+                    members = []
+                    for m in tar:  # every header checked before anything is read from it
+                        jpg = m.name.lower().endswith(".jpg")
+                        check_tar_member(item, m, min(size, MAX_IMAGE_BYTES) if jpg else size)
+                        if m.isfile() and jpg:
+                            members.append(m)
             except tarfile.ReadError as err:
                 raise DataError(f"{item}: not an uncompressed tar file ({err}); decompress it first (tar files are "
                                 "read in place) or extract it and pass the folder") from err
