@@ -13,7 +13,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dist_fair", "dist_fair.*"]),
-    package_data={"dist_fair": ["py.typed"]},
+    # the DeepSpeed JSON configs and the job configs (launch/deepspeed and launch/configs link here)
+    package_data={"dist_fair": ["py.typed", "configs/*.yaml", "configs/deepspeed/*.json"]},
     install_requires=[
         "torch==2.13.0",
         "torchvision==0.28.0",

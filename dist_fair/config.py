@@ -18,6 +18,9 @@ from typing import Any, Mapping, Sequence
 
 from dist_fair.errors import ConfigError
 
+#: Job configs shipped as package data (``launch/configs`` links to this folder in a checkout).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
 
 def _require(condition: bool, field_name: str, message: str) -> None:
     if not condition:
@@ -233,7 +236,7 @@ class TrainConfig:
     workers: int = 2
     cpus_per_worker: int = 1
     placement: str = "PACK"
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -503,14 +506,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
-    """Build the job config: defaults, then the YAML file at ``path``, then ``overrides``."""
+    """Build the job config: defaults, then the YAML file at ``path`` (or the name of a config
+    shipped in ``dist_fair/configs/``, e.g. ``default``), then ``overrides``."""
     import yaml
 
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        shipped = SHIPPED_CONFIGS / f"{path.name}.yaml"
+        if not path.is_file() and path.suffix == "" and path.parent == Path(".") and shipped.is_file():
+            path = shipped  # a config shipped with the package, by name: --config mnist_usps_dfdc
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file (see launch/configs/)")
+            names = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file or the name of a shipped "
+                              f"config ({', '.join(names)}; dist_fair/configs/, linked as launch/configs/)")
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:

@@ -42,18 +42,25 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
+from dist_fair.config import FairConfig
 from dist_fair.errors import ConfigError, DataError
+from dist_fair.models.registry import get_model, model_names
 from dist_fair.train.task import TrainTask
 
 LOG = logging.getLogger(__name__)
 
-METHODS = ("dec", "imsat", "dfdc", "fair_dec", "fairoids")
+#: the deep clustering models of the registry (dist_fair/models/registry.py).
+METHODS = model_names("deep")
+#: methods whose clustering model is an autoencoder's encoder plus centroids (the DEC family).
 CENTROID_METHODS = ("dec", "fair_dec", "fairoids")
+#: methods that need the protected attribute to train.
 FAIR_METHODS = ("dfdc", "fair_dec", "fairoids")
+#: methods whose loss uses the global fair assignment of the previous epoch (registry: fair_training).
+FAIR_TRAINING_METHODS = tuple(m for m in METHODS if get_model(m).fair_training)
 #: Most cells of a cluster x class table all-reduced for ACC/NMI (larger: those metrics are skipped).
 MAX_CLASS_TABLE = 4_000_000
 
@@ -73,8 +80,11 @@ class DeepOptions:
         latent_dim, ae_hidden: DEC's autoencoder (latent default K).
         pretrain_epochs: DFDC / Fair-DEC: epochs of the base loss before the fairness loss starts.
         beta, gamma: fairness and VAT weights (Table 6.2: 4, 1).
+        mu: weight of the marginal entropy, ``L_C = H(Y|X) - mu H(Y)`` (eq 6.5: 1).
+        alpha: weight-decay term ``alpha sum ||theta||^2`` added to the loss (Table 6.2: 1e-4).
         vat_eps, vat_xi: VAT radius and power-iteration step.
-        rho, fair_eps, fair_method, fair_top_m: the fair assignment (METHODS.md §6).
+        fair: the fair assignment (METHODS.md §6): :class:`~dist_fair.config.FairConfig` (``rho``,
+            ``eps``, ``method``, ``top_m``; the job config's ``fair`` section).
         fair_assign: the solver (None: ``dist_fair.fair.fair_assign``); must be picklable.
         kmeans_sample, kmeans_iters: distributed k-means (sample for k-means++ and the restarts,
             Lloyd iterations over all rows).
@@ -93,12 +103,11 @@ class DeepOptions:
     pretrain_epochs: int = 0
     beta: float = 4.0
     gamma: float = 1.0
+    mu: float = 1.0
+    alpha: float = 0.0
     vat_eps: float = 1.0
     vat_xi: float = 10.0
-    rho: Sequence[float] | None = None
-    fair_eps: float = 0.0
-    fair_method: str = "auto"
-    fair_top_m: int | None = None
+    fair: FairConfig = field(default_factory=FairConfig)
     fair_assign: Callable[..., Any] | None = None
     kmeans_sample: int = 20000
     kmeans_iters: int = 20
@@ -114,6 +123,10 @@ class DeepOptions:
                               f"{self.attribute!r}, num_groups={self.num_groups}); name it with attribute=...")
         self.hidden = tuple(self.hidden)
         self.ae_hidden = tuple(self.ae_hidden)
+        if self.image_shape is not None:
+            self.image_shape = tuple(self.image_shape)
+        if isinstance(self.fair, dict):
+            self.fair = FairConfig(**self.fair)
 
     @property
     def latent(self) -> int:
@@ -162,7 +175,7 @@ def _centroid_model(options: DeepOptions, encoder):
 
     if options.method == "fairoids":
         return FairoidsModel(encoder, options.n_clusters, options.latent, num_groups=options.num_groups,
-                             rho=options.rho)
+                             rho=options.fair.rho)
     return DECModel(encoder, options.n_clusters, options.latent)
 
 
@@ -204,11 +217,19 @@ def autoencoder_loss(batch: dict[str, Any], outputs: Any, ctx: Any) -> tuple[Any
 
 
 def _fair_active(options: DeepOptions, ctx: Any) -> bool:
-    return options.method in ("dfdc", "fair_dec") and ctx.epoch >= options.pretrain_epochs
+    return options.method in FAIR_TRAINING_METHODS and ctx.epoch >= options.pretrain_epochs
+
+
+def _weight_decay(options: DeepOptions, ctx: Any) -> Any:
+    """``alpha sum_l ||theta_l||^2`` over the module's parameters."""
+    from dist_fair.losses.deep_clustering import l2_penalty
+
+    return l2_penalty(_module(ctx).parameters(), options.alpha)
 
 
 def discriminative_loss(options: DeepOptions, batch: dict[str, Any], logits: Any, ctx: Any) -> tuple[Any, dict[str, Any]]:
-    """IMSAT / DFDC: ``L_C + gamma L_Aug (+ beta L_Fair)``, ``H(Y)`` over the global batch."""
+    """IMSAT / DFDC: ``H(Y|X) - mu H(Y) + gamma L_Aug (+ alpha ||theta||^2) (+ beta L_Fair)``, ``H(Y)``
+    over the global batch."""
     import torch
 
     from dist_fair.losses.deep_clustering import (
@@ -221,8 +242,8 @@ def discriminative_loss(options: DeepOptions, batch: dict[str, Any], logits: Any
     logits = logits.float()
     probs = torch.softmax(logits, dim=1)
     local_sum = probs.sum(dim=0)
-    global_sum = ctx.collective.sum(local_sum.detach())
-    global_rows = ctx.collective.sum(int(probs.shape[0]))
+    global_sum = ctx.collective.all_reduce_sum(local_sum.detach())
+    global_rows = ctx.collective.all_reduce_sum(int(probs.shape[0]))
     mean_probs = (local_sum + (global_sum.to(local_sum) - local_sum.detach())) / max(global_rows, 1)
     mi, cond, marg = imsat_mi_loss(probs, mean_probs=mean_probs)
     eps = batch["vat_eps"].float() if "vat_eps" in batch else options.vat_eps
@@ -237,7 +258,9 @@ def discriminative_loss(options: DeepOptions, batch: dict[str, Any], logits: Any
     with frozen_batchnorm_stats(module):
         aug = vat_loss(lambda inputs: ctx.model(inputs).float(), x, probs, eps, xi=options.vat_xi,
                        power_forward=lambda inputs: torch.func.functional_call(module, frozen, (inputs,)).float())
-    loss = mi + options.gamma * aug
+    loss = cond - options.mu * marg + options.gamma * aug
+    if options.alpha:
+        loss = loss + _weight_decay(options, ctx)
     metrics: dict[str, Any] = {"loss_mi": mi.detach(), "cond_entropy": cond.detach(), "marg_entropy": marg.detach(),
                                "loss_vat": aug.detach()}
     if _fair_active(options, ctx):
@@ -263,6 +286,8 @@ def centroid_loss(options: DeepOptions, batch: dict[str, Any], outputs: Any, ctx
         target_t = torch.from_numpy(target).to(q)
     kl = dec_kl_loss(target_t, q)
     loss, metrics = kl, {"loss_kl": kl.detach()}
+    if options.alpha:
+        loss = loss + _weight_decay(options, ctx)
     if options.method == "fair_dec" and _fair_active(options, ctx):
         fair_labels = _lookup(ctx, "fair_labels", batch["ids"])
         if fair_labels is not None:
@@ -327,22 +352,6 @@ def _predict_share(ctx: Any, options: DeepOptions, with_codes: bool = False) -> 
     )
 
 
-class CollectiveReducer:
-    """The fair package's :class:`~dist_fair.fair.reducer.Reducer` over the training engine's
-    collectives (``torch.distributed`` through :mod:`dist_fair.train.collective`)."""
-
-    def __init__(self, collective: Any) -> None:
-        self.collective = collective
-        self.rank = collective.rank
-        self.world_size = collective.world_size
-
-    def allreduce_sum(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.collective.sum(np.asarray(x)))
-
-    def allgather(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.collective.gather(np.asarray(x))
-
-
 def global_fair_assignment(ctx: Any, options: DeepOptions, ids: np.ndarray, probs: np.ndarray,
                            groups: np.ndarray) -> np.ndarray:
     """The fair assignment of METHODS.md §6 over the rows of ALL workers; returns this worker's share
@@ -355,23 +364,24 @@ def global_fair_assignment(ctx: Any, options: DeepOptions, ids: np.ndarray, prob
     gathered, rank 0 solves, the labels are broadcast (O(N K) traffic: moderate N only)."""
     from dist_fair.deep.estimators import call_fair_assign
 
-    if options.fair_assign is None and options.fair_method in ("auto", "auction"):
+    fair = options.fair
+    if options.fair_assign is None and fair.method in ("auto", "auction"):
         from dist_fair.fair import Shard, solve_shard
         from dist_fair.fair.assign import as_candidates
 
-        cands = as_candidates(probs.astype(np.float64), options.fair_top_m)
+        cands = as_candidates(probs.astype(np.float64), fair.top_m)
         labels, _ = solve_shard(Shard(cands, groups.astype(np.int64), ids.astype(np.int64)),
-                                CollectiveReducer(ctx.collective), n_groups=options.num_groups, rho=options.rho,
-                                eps=options.fair_eps, top_m=options.fair_top_m)
+                                ctx.collective, n_groups=options.num_groups, rho=fair.rho,
+                                eps=fair.eps, top_m=fair.top_m)
         return np.asarray(labels, dtype=np.int64)
-    all_probs = ctx.collective.gather(probs.astype(np.float32))
-    all_groups = ctx.collective.gather(groups.astype(np.int64))
+    all_probs = ctx.collective.all_gather(probs.astype(np.float32))
+    all_groups = ctx.collective.all_gather(groups.astype(np.int64))
     sizes = [len(p) for p in all_probs]
     labels = None
     if ctx.rank == 0:
         labels, _ = call_fair_assign(options.fair_assign, np.concatenate(all_probs).astype(np.float64),
-                                     np.concatenate(all_groups), rho=options.rho, eps=options.fair_eps,
-                                     method=options.fair_method, top_m=options.fair_top_m)
+                                     np.concatenate(all_groups), rho=fair.rho, eps=fair.eps,
+                                     method=fair.method, top_m=fair.top_m)
     labels = ctx.collective.broadcast(labels.astype(np.int64) if labels is not None else None, 0)
     offset = sum(sizes[: ctx.rank])
     return labels[offset: offset + sizes[ctx.rank]]
@@ -395,6 +405,7 @@ def global_scores(ctx: Any, options: DeepOptions, labels: np.ndarray, groups: np
     """ACC, NMI (classes = ``identity``), balance, fairness, FWD (METHODS.md §7) of a labeling spread
     over the workers, from all-reduced count tables: cluster x group (K x T) and cluster x class
     (K x C, skipped when larger than ``MAX_CLASS_TABLE`` cells)."""
+    from dist_fair.collective import global_group_cluster_counts
     from dist_fair.eval import metrics
 
     k = options.n_clusters
@@ -402,15 +413,15 @@ def global_scores(ctx: Any, options: DeepOptions, labels: np.ndarray, groups: np
     if identity is not None:
         known = identity >= 0
         local_max = np.array([int(identity[known].max()) + 1 if known.any() else 0], np.int64)
-        num_classes = int(max(a[0] for a in ctx.collective.gather(local_max)))
+        num_classes = int(max(a[0] for a in ctx.collective.all_gather(local_max)))
         if 0 < num_classes and num_classes * k <= MAX_CLASS_TABLE:
             flat = np.bincount(identity[known] * k + labels[known], minlength=num_classes * k)
-            table = ctx.collective.sum(flat.astype(np.int64)).reshape(num_classes, k)
+            table = ctx.collective.all_reduce_sum(flat.astype(np.int64)).reshape(num_classes, k)
             contingency = _contingency_from_dense(table)
             out[f"{prefix}_acc"] = metrics.accuracy_from_contingency(contingency)
             out[f"{prefix}_nmi"] = metrics.nmi_from_contingency(contingency)
     if groups is not None and options.num_groups:
-        table = ctx.collective.global_group_cluster_counts(labels, groups, k, options.num_groups).T  # K x T
+        table = global_group_cluster_counts(ctx.collective, labels, groups, k, options.num_groups).T  # K x T
         contingency = _contingency_from_dense(table)
         out[f"{prefix}_balance"] = metrics.balance_from_table(contingency)
         out[f"{prefix}_fairness"] = metrics.fairness_from_table(contingency)
@@ -437,7 +448,7 @@ def sync_batchnorm_stats(ctx: Any) -> None:
     for layer in module.modules():
         if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.running_mean is not None:
             for buffer in (layer.running_mean, layer.running_var):
-                total = ctx.collective.sum(buffer.detach().double().cpu().numpy())
+                total = ctx.collective.all_reduce_sum(buffer.detach().double().cpu().numpy())
                 buffer.copy_(torch.from_numpy(np.asarray(total) / ctx.world_size).to(buffer))
 
 
@@ -452,7 +463,7 @@ def _refresh(ctx: Any, options: DeepOptions) -> dict[str, float]:
     _store_rows(ctx, pred.ids)
     metrics: dict[str, float] = {}
     if options.method in CENTROID_METHODS:
-        mass = ctx.collective.sum(pred.probs.astype(np.float64).sum(axis=0))
+        mass = ctx.collective.all_reduce_sum(pred.probs.astype(np.float64).sum(axis=0))
         target = dec_target_distribution(torch.from_numpy(pred.probs).double(), torch.from_numpy(np.asarray(mass)))
         ctx.state["target"] = target.float().numpy()
     labels = pred.probs.argmax(axis=1).astype(np.int64) if len(pred.probs) else np.zeros(0, np.int64)
@@ -479,7 +490,7 @@ def distributed_kmeans(ctx: Any, codes: np.ndarray, k: int, sample: int, iters: 
     rng = np.random.default_rng([seed, ctx.rank])
     share = max(1, sample // max(ctx.world_size, 1))
     take = rng.choice(len(codes), size=min(share, len(codes)), replace=False) if len(codes) else np.zeros(0, np.int64)
-    pooled = np.concatenate(ctx.collective.gather(codes[take].astype(np.float64)))
+    pooled = np.concatenate(ctx.collective.all_gather(codes[take].astype(np.float64)))
     if len(pooled) < k:
         raise DataError(f"k-means: only {len(pooled)} samples for {k} clusters")
     centroids = KMeans(k, n_init=10, random_state=seed).fit(pooled).cluster_centers_
@@ -493,8 +504,8 @@ def distributed_kmeans(ctx: Any, codes: np.ndarray, k: int, sample: int, iters: 
             counts = np.bincount(nearest, minlength=k).astype(np.float64)
         else:
             sums, counts = np.zeros_like(centroids), np.zeros(k)
-        sums = ctx.collective.sum(sums)
-        counts = ctx.collective.sum(counts)
+        sums = ctx.collective.all_reduce_sum(sums)
+        counts = ctx.collective.all_reduce_sum(counts)
         moved = counts > 0
         centroids = np.where(moved[:, None], sums / np.maximum(counts, 1.0)[:, None], centroids)
     return centroids
@@ -623,39 +634,74 @@ def train_deep(options: DeepOptions, data: Any, train: Any, run_dir: str | Path,
     return DeepResult(options.method, final, phases["cluster"].model_path, phases)
 
 
-def build_deep_task(job: Any, run_dir: Any = None) -> TrainTask:
-    """``train.model=<dec|imsat|dfdc|fair_dec|fairoids>`` from a JobConfig (for the training CLI's
-    task registry): the clustering phase over ``data.shards`` with K = the number of identities in
-    the manifest and the manifest's first protected attribute. For the DEC family the autoencoder
-    phase is trained first (in ``<run_dir>/autoencoder``) when it is not there yet."""
+def deep_options(job: Any, shard_dir: str | Path) -> DeepOptions:
+    """The :class:`DeepOptions` of ``job.train.model`` over a shard folder, from the job config:
+    the ``deep`` section, the protected attribute ``train.group_attribute``, the ``fair`` section
+    and K = ``deep.n_clusters`` (null: the number of identities in the manifest)."""
     from dist_fair.data.shards import read_manifest
 
     model = job.train.model
     if model not in METHODS:
         raise ConfigError(f"config field 'train.model': {model!r} is not a deep clustering method ({', '.join(METHODS)})")
-    if job.data.source != "shards" or not job.data.shards:
-        raise ConfigError("deep clustering methods train on a shard folder: set data.source=shards and data.shards=<dir>")
-    manifest = read_manifest(job.data.shards)
-    attribute = next(iter(manifest.attributes), None)
-    k = int(getattr(manifest, "num_identities", 0) or 0)
+    manifest = read_manifest(shard_dir)
+    deep = job.deep
+    attribute = job.train.group_attribute
+    if attribute not in manifest.attributes:
+        if model in FAIR_METHODS or manifest.attributes:
+            raise ConfigError(f"config field 'train.group_attribute': {attribute!r} is not a protected attribute of "
+                              f"{shard_dir} (it has {sorted(manifest.attributes) or 'none'}); name one of those")
+        attribute = None
+    k = deep.n_clusters or int(getattr(manifest, "num_identities", 0) or 0)
     if k < 2:
-        raise ConfigError(f"{job.data.shards}: the manifest does not say how many identities (clusters) there are; "
-                          "use dist_fair.deep.train_deep with n_clusters=...")
-    options = DeepOptions(method=model, n_clusters=k, attribute=attribute,
-                          num_groups=len(manifest.attributes.get(attribute, [])) if attribute else 0,
-                          hidden=(job.train.hidden, job.train.hidden) if job.train.hidden else (),
-                          rho=job.fair.rho, fair_eps=job.fair.eps, fair_method=job.fair.method,
-                          fair_top_m=job.fair.top_m, seed=job.train.seed)
-    init_weights = None
-    if model in CENTROID_METHODS:
-        if run_dir is None:
-            raise ConfigError(f"train.model={model}: needs a run folder for the autoencoder phase")
-        from dist_fair.train.engine import fit
+        raise ConfigError(f"{shard_dir}: the manifest does not say how many identities (clusters) there are; "
+                          "set deep.n_clusters")
+    return DeepOptions(method=model, n_clusters=k, attribute=attribute,
+                       num_groups=len(manifest.attributes[attribute]) if attribute else 0,
+                       backbone=deep.backbone, hidden=tuple(deep.hidden),
+                       image_shape=tuple(deep.image_shape) if deep.image_shape else None,
+                       latent_dim=deep.latent_dim, ae_hidden=tuple(deep.ae_hidden),
+                       pretrain_epochs=deep.pretrain_epochs, beta=deep.beta, gamma=deep.gamma, mu=deep.mu,
+                       alpha=deep.alpha, vat_eps=deep.vat_eps, vat_xi=deep.vat_xi, fair=job.fair,
+                       kmeans_sample=deep.kmeans_sample, kmeans_iters=deep.kmeans_iters, seed=job.train.seed)
 
-        ae_task = deep_task(options, job.data.shards, phase="autoencoder")
-        init_weights = str(fit(ae_task, job.train, Path(run_dir) / "autoencoder").model_path)
-    return deep_task(options, job.data.shards, phase="cluster", init_weights=init_weights)
+
+def autoencoder_train_config(job: Any) -> Any:
+    """The engine's config of the DEC family's autoencoder phase: ``train`` with ``deep.ae_epochs``
+    epochs at ``deep.ae_lr`` (null = ``train.lr``)."""
+    from dataclasses import replace
+
+    return replace(job.train, epochs=job.deep.ae_epochs, lr=job.deep.ae_lr or job.train.lr)
+
+
+def options_to_dict(options: DeepOptions) -> dict[str, Any]:
+    """A JSON-friendly copy of ``options`` (without the solver callable), see :func:`options_from_dict`."""
+    from dataclasses import asdict
+
+    if options.fair_assign is not None:
+        raise ConfigError("DeepOptions with a custom fair_assign callable cannot be saved; use the default solver")
+    out = asdict(options)
+    out.pop("fair_assign")
+    return out
+
+
+def options_from_dict(values: dict[str, Any]) -> DeepOptions:
+    return DeepOptions(**values)
+
+
+def build_deep_task(job: Any, inputs: Any) -> TrainTask:
+    """``train.model=<dec|imsat|dfdc|fair_dec|fairoids>`` for ``dist-fair train`` (the registry's
+    builder): the clustering phase over ``inputs.shards``; for the DEC family the autoencoder
+    phase is trained first (in ``<run_dir>/autoencoder``, skipped when complete)."""
+    from dist_fair.train.engine import fit
+
+    options = deep_options(job, inputs.shards)
+    init_weights = None
+    if options.method in CENTROID_METHODS:
+        ae_task = deep_task(options, inputs.shards, phase="autoencoder")
+        init_weights = str(fit(ae_task, autoencoder_train_config(job), Path(inputs.run_dir) / "autoencoder").model_path)
+    return deep_task(options, inputs.shards, phase="cluster", init_weights=init_weights)
 
 
 __all__ = ["DeepOptions", "DeepResult", "METHODS", "deep_task", "train_deep", "build_deep_task", "make_model",
+           "deep_options", "autoencoder_train_config", "options_to_dict", "options_from_dict",
            "global_fair_assignment", "global_scores", "distributed_kmeans"]

@@ -21,7 +21,7 @@ import numpy as np
 
 from dist_fair.errors import ConfigError
 from dist_fair.io_atomic import atomic_save_npy, atomic_write_json
-from dist_fair.pipeline.sequence_stages import train_params
+from dist_fair.pipeline.sequence_stages import log_training, train_params
 from dist_fair.pipeline.stage import JobContext, StageOutcome
 
 MODEL_FILE = "deep_model.json"
@@ -37,6 +37,9 @@ def deep_train_stage(ctx: JobContext, shards: StageOutcome) -> StageOutcome:
         options = deep_options(config, shards.folder)
         result = train_deep(options, str(shards.folder), config.train, folder,
                             ae_train=autoencoder_train_config(config), progress=False)
+        for phase, result_phase in result.phases.items():
+            log_training(result_phase, autoencoder_train_config(config) if phase == "autoencoder" else config.train,
+                         f"{options.method} {phase}")
         dim = int(read_manifest(shards.folder).dim)
         atomic_write_json(folder / MODEL_FILE, {"options": options_to_dict(options), "dim": dim,
                                                 "weights": str(result.model_path.relative_to(folder))})

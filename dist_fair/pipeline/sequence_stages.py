@@ -2,7 +2,7 @@
 
 - ``sequences``: the models' inputs: ``emb.npy`` (normalised, id order), ``split.npy`` (test 0 /
   train 1 / validation 2 by identity), ``visible_identity.npy`` (test identities hidden) and
-  ``group.npy`` (``train.group_attribute``), see :mod:`dist_fair.knn.sequences`;
+  ``group.npy`` (``train.group_attribute``), see :mod:`dist_fair.models.sequences`;
 - ``train``: the model on Ray Train + DeepSpeed (:func:`dist_fair.train.engine.fit`) into
   ``<run>/train/`` (the engine resumes a killed run from its last checkpoint: the Stage helper
   keeps the folder while the stage's fingerprint is unchanged);
@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import numpy as np
 
 from dist_fair.errors import ConfigError
 from dist_fair.pipeline.stage import JobContext, StageOutcome
+
+LOG = logging.getLogger(__name__)
 
 #: TrainConfig fields that do not change what is trained (left out of the train stage's fingerprint).
 VOLATILE_TRAIN_FIELDS = ("log_every", "prefetch", "max_failures")
@@ -38,7 +41,7 @@ def sequences_stage(ctx: JobContext, shards: StageOutcome, knn: StageOutcome) ->
 
     def work(folder: Path) -> dict[str, Any]:
         from dist_fair.data.shards import read_manifest
-        from dist_fair.knn.sequences import prepare_sequence_inputs
+        from dist_fair.models.sequences import prepare_sequence_inputs
 
         attributes = read_manifest(shards.folder).attributes
         if train.group_attribute not in attributes:
@@ -53,6 +56,24 @@ def sequences_stage(ctx: JobContext, shards: StageOutcome, knn: StageOutcome) ->
               "train_fraction": train.train_fraction, "group_attribute": train.group_attribute,
               "seed": config.data.seed}
     return ctx.stage("sequences", "sequences", params, [shards, knn]).run(work)
+
+
+def log_training(result: Any, train: Any, label: str) -> None:
+    """Log how ``label`` was trained (Ray Train workers and nodes, DeepSpeed ZeRO stage) and its
+    loss per epoch, from the engine's history."""
+    starts = result.events("start")
+    start = starts[-1] if starts else {}
+    nodes = len(set(start.get("nodes") or []))
+    LOG.info("%s: trained on %s Ray Train worker(s) on %d node(s), DeepSpeed ZeRO stage %s (%s, %s)%s", label,
+             start.get("world_size", train.workers), nodes, start.get("zero_stage", "?"), train.deepspeed,
+             train.precision, " - already complete, reused" if result.skipped else "")
+    epochs = result.events("epoch")
+    for record in epochs:
+        extra = "".join(f", {k} {record[k]:.4f}" for k in ("eval_loss", "hook_net_acc", "hook_net_balance",
+                                                            "hook_fair_balance") if isinstance(record.get(k), float))
+        LOG.info("%s: epoch %d/%d  loss %.4f%s  (%.1f s, %.0f samples/s)", label, record.get("epoch", 0) + 1,
+                 len(epochs), record.get("loss", float("nan")), extra, record.get("epoch_s", 0.0),
+                 record.get("samples_per_s") or 0.0)
 
 
 def train_params(config: Any) -> dict[str, Any]:
@@ -73,6 +94,7 @@ def sequence_train_stage(ctx: JobContext, seqs: StageOutcome, knn: StageOutcome)
 
         task = create_task(config, TaskInputs(run_dir=ctx.run_dir, knn=knn.folder, sequences=seqs.folder))
         result = fit(task, config.train, ctx.run_dir, progress=False, force=False)
+        log_training(result, config.train, task.name)
         write_spec(task, result.train_dir)
         epochs = result.events("epoch")
         speeds = [r["samples_per_s"] for r in epochs if r.get("samples_per_s")]
@@ -88,7 +110,7 @@ def infer_stage(ctx: JobContext, seqs: StageOutcome, knn: StageOutcome, trained:
     cluster = ctx.config.cluster
 
     def work(folder: Path) -> dict[str, Any]:
-        from dist_fair.knn.sequences import open_sequence_inputs
+        from dist_fair.models.sequences import open_sequence_inputs
         from dist_fair.models.edge_inference import predict_edge_probs
         from dist_fair.models.intraformer_task import load_trained
 
@@ -101,4 +123,4 @@ def infer_stage(ctx: JobContext, seqs: StageOutcome, knn: StageOutcome, trained:
     return ctx.stage("infer", "infer", {}, [seqs, knn, trained]).run(work)
 
 
-__all__ = ["sequences_stage", "sequence_train_stage", "infer_stage", "sequence_length", "train_params"]
+__all__ = ["sequences_stage", "sequence_train_stage", "infer_stage", "sequence_length", "train_params", "log_training"]

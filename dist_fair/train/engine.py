@@ -46,8 +46,9 @@ from dist_fair.train.task import TrainTask
 
 LOG = logging.getLogger(__name__)
 
-#: Folder of the named DeepSpeed configurations (``train.deepspeed=<name>``).
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "launch" / "deepspeed"
+#: Folder of the named DeepSpeed configurations (``train.deepspeed=<name>``): package data
+#: (``dist_fair/configs/deepspeed``, also reachable as ``launch/deepspeed`` in a checkout).
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 TRAIN_FOLDER = "train"
 STORAGE_FOLDER = "ray"
 RAY_RUN_NAME = "run"
