@@ -122,6 +122,12 @@ def test_bin_meta_learn_to_cluster_layout(tmp_path, emb, labels):
     (tmp_path / "features" / "part1_test.meta").write_text("".join(f"{v + 1}\n" for v in labels))
     features = load_features(tmp_path / "features" / "part1_test.bin", dim=DIM)
     np.testing.assert_array_equal(features.identity, labels + 1)
+    # an identity column given: the .meta beside the .bin is not used
+    (tmp_path / "who.csv").write_text("who\n" + "".join(f"p{v % 3}\n" for v in labels))
+    features = load_features(tmp_path / "features" / "part1_test.bin", dim=DIM, attributes_csv=tmp_path / "who.csv",
+                             csv_identity="who")
+    assert features.identity_names == ["p0", "p1", "p2"] and "labels" not in features.source
+    np.testing.assert_array_equal(features.identity, labels % 3)
     emb.astype("<f4").tofile(tmp_path / "alone.bin")
     assert (load_features(tmp_path / "alone.bin", dim=DIM).identity == -1).all()
 

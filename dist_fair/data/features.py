@@ -2,13 +2,14 @@
 
 Inputs (``layout``):
 
-- ``npy``: one (N, d) array, memory-mapped (``np.load(mmap_mode="r")``).
+- ``npy``: one (N, d) array, read in place (its header gives the offset of row 0).
 - ``npz``: arrays named by key: embeddings ``emb_key`` (default ``emb``, or the only 2-D array),
   identity labels ``label_key``, per-row image names ``names_key``, protected attributes
-  ``group_keys`` (attribute -> key). Members stored uncompressed (``np.savez``) are memory-mapped
-  at their offset inside the zip; compressed ones (``np.savez_compressed``) must be read into memory.
+  ``group_keys`` (attribute -> key). Members stored uncompressed (``np.savez``) are read in place
+  at their offset inside the zip (``npz_array`` memory-maps them); compressed ones
+  (``np.savez_compressed``) must be read into memory.
 - ``bin``: the learn-to-cluster layout: raw little-endian float32 rows, ``dim`` required and
-  checked (file size must be ``rows * 4 * dim``), memory-mapped; identity labels from a ``.meta``
+  checked (file size must be ``rows * 4 * dim``), read in place; identity labels from a ``.meta``
   file, one integer a line (default: ``<stem>.meta`` beside the ``.bin`` or in a sibling
   ``labels/`` folder of ``features/``); its line count must equal the rows.
 
@@ -455,7 +456,7 @@ def load_features(path: str | Path, emb_key: str | None = None, dim: int | None 
                               "emb_key": emb_file.key, "rows_in_file": total, "limit": limit,
                               "file_bytes": path.stat().st_size, "file_mtime_ns": path.stat().st_mtime_ns,
                               "normalised": "l2"}
-    if emb_file.layout == "bin" and labels is None:
+    if emb_file.layout == "bin" and labels is None and not csv_identity:
         labels = default_meta_path(path)
         if labels is None:
             LOG.info("%s: no .meta label file beside it or in ../labels/; identities unknown", path)
