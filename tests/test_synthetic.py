@@ -93,3 +93,81 @@ def test_plans_are_contiguous_and_bounded():
 def test_bad_specs(kwargs, needle):
     with pytest.raises(DataError, match=needle):
         SyntheticSpec(**kwargs)
+
+
+# --------------------------------------------------------------------------- calibrated-preset features
+
+def _digest(arrays):
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_classic_presets_unchanged_by_the_calibrated_features():
+    """The classic generator's output is pinned (digest computed with the generator before the
+    calibrated features existed), so the default job's data does not move."""
+    from dist_fair.data.synthetic import spec_from_preset
+
+    arrays = synthetic_arrays(spec_from_preset("skewed", identities=50, images_per_identity=6, dim=16, seed=7))
+    assert _digest(arrays) == "3c09fe638e1990d9bfdbecb364fe00972d6f100190a72631e7ad481d2daa5324"
+
+
+def test_world_means_have_the_exact_group_cosine():
+    from dist_fair.data.synthetic import world_means
+
+    mu = world_means(seed=3, dim=20, groups=8, group_cosine=0.7)
+    gram = mu @ mu.T
+    assert np.allclose(np.diag(gram), 1, atol=1e-12)
+    assert np.allclose(gram[~np.eye(8, dtype=bool)], 0.7, atol=1e-12)
+    with pytest.raises(DataError, match="too small"):
+        world_means(seed=3, dim=8, groups=8, group_cosine=0.7)
+
+
+def test_gender_mix_cells_and_dispersion():
+    from dist_fair.data.synthetic import cell_parameters, identity_plan
+
+    spec = SyntheticSpec(identities=400, images_per_identity=6, dim=64, seed=2, mix={"Asian": 0.5, "Caucasian": 0.5},
+                         gender_mix={"female": 0.25, "male": 0.75}, group_cosine=0.5,
+                         crowding={"African": 1.0, "Indian": 1.0, "Asian": 1.0, "Caucasian/female": 2.0,
+                                   "Caucasian/male": 0.5},
+                         spread={"female": 0.3, "male": 0.6}, dispersion={"male": 0.4})
+    _, genders, _ = identity_plan(spec)
+    assert np.bincount(genders).tolist() == [100, 300]
+    assert cell_parameters(spec, RACES.index("Caucasian"), 0) == (2.0, 0.3, 0.0)
+    assert cell_parameters(spec, RACES.index("Asian"), 1) == (1.0, 0.6, 0.4)
+    X, ident, race, gender = synthetic_arrays(spec)
+    same = {}
+    for g in range(2):
+        sims = []
+        for i in np.unique(ident[gender == g])[:60]:
+            rows = X[ident == i]
+            sims.extend((rows @ rows.T)[np.triu_indices(len(rows), 1)])
+        same[g] = np.array(sims)
+    # spread 0.3 -> same-identity cosine about 1 / 1.09; spread 0.6 with dispersion -> lower and wider
+    assert abs(np.median(same[0]) - 1 / 1.09) < 0.02
+    assert np.median(same[1]) < np.median(same[0]) - 0.1 and same[1].std() > 2 * same[0].std()
+
+
+def test_overrides_replace_the_cells_they_cover():
+    from dist_fair.data.synthetic import cell_parameters, spec_from_preset
+
+    spec = spec_from_preset("realistic", identities=20, crowding={"African": 9.0}, spread={"female": 0.5})
+    assert cell_parameters(spec, RACES.index("African"), 0)[0] == 9.0
+    assert cell_parameters(spec, RACES.index("African"), 1)[0] == 9.0
+    assert cell_parameters(spec, RACES.index("Asian"), 0)[1] == 0.5
+    assert cell_parameters(spec, RACES.index("Asian"), 0)[0] != 9.0
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(crowding={"Martian": 1.0}), "unknown group"),
+    (dict(gender_mix={"female": 0.7}), "gender_mix"),
+    (dict(group_cosine=1.0), "group_cosine"),
+    (dict(images_table={"female": {"counts": [1, 2], "people": [3, 4]}}), "give both"),
+    (dict(images_table={"all": {"counts": [2, 1], "people": [3, 4]}}), "increasing"),
+])
+def test_bad_calibrated_specs(kwargs, needle):
+    with pytest.raises(DataError, match=needle):
+        SyntheticSpec(**kwargs)

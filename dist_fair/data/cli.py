@@ -36,8 +36,9 @@ SOURCES: dict[str, tuple[str, str, str, str]] = {
 }
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output shard folder (created; finished shards are kept on re-run)")
+def add_common_arguments(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
+    parser.add_argument("--out", required=out_required,
+                        help="output shard folder (created; finished shards are kept on re-run)")
     parser.add_argument("--shard-rows", type=int, default=65536, help="samples per shard file")
     parser.add_argument("--workers", type=int, default=1,
                         help="parallel writers: one Ray task per shard, this many at a time (1 = in this process)")
@@ -46,14 +47,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("--preset", choices=["balanced", "global", "skewed"], default="balanced",
-                        help="group mix: balanced (25%% each race), global (BUPT-GlobalFace mix), skewed (Caucasian 50%%)")
+    add_common_arguments(parser, out_required=False)
+    parser.add_argument("--preset", default="balanced",
+                        help="balanced (25%% each race), global (BUPT-GlobalFace mix), skewed (Caucasian 50%%), "
+                             "realistic (calibrated on LFW's face embeddings, dist_fair/data/presets/realistic.yaml) "
+                             "or a preset YAML file written by --calibrate")
     parser.add_argument("--identities", type=int, default=1000, help="number of identities")
-    parser.add_argument("--images-per-identity", type=float, default=46.0,
-                        help="mean images per identity (long-tailed lognormal, at least --min-images)")
+    parser.add_argument("--images-per-identity", type=float, default=None,
+                        help="mean images per identity (long-tailed lognormal, at least --min-images); default 46, "
+                             "or a calibrated preset's images-per-identity table")
     parser.add_argument("--min-images", type=int, default=2, help="fewest images of an identity")
-    parser.add_argument("--dim", type=int, default=512, help="embedding dimension")
+    parser.add_argument("--dim", type=int, default=None, help="embedding dimension (default 512, or a calibrated "
+                                                              "preset's own dimension)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical shards)")
     parser.add_argument("--identity-offset", type=int, default=0,
                         help="number of the first identity: a different offset draws unseen identities "
@@ -61,20 +66,98 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-rows", type=int, default=4096, help="rows per tar sample (block)")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embedding dtype")
     parser.add_argument("--mix", default=None, help="custom group mix, e.g. African=0.1,Asian=0.2,Caucasian=0.6,Indian=0.1")
-    parser.add_argument("--crowding", default=None, help="per-group crowding, e.g. African=1.0,Caucasian=0.5 (higher = harder)")
+    parser.add_argument("--crowding", default=None,
+                        help="per-group crowding, e.g. African=1.0,Caucasian=0.5 or Asian/female=4.3 (higher = harder)")
     parser.add_argument("--spread", default=None, help="per-group within-identity spread (higher = harder)")
+    parser.add_argument("--dispersion", default=None,
+                        help="per-group log-normal spread of the image noise scale, e.g. female=0.2 (0 = none)")
+    calibrate = parser.add_argument_group(
+        "calibration", "--calibrate SHARDS fits the generator to a labelled embedding shard folder and writes a "
+                       "preset instead of shards (dist_fair/data/calibration.py)")
+    calibrate.add_argument("--calibrate", default=None, metavar="SHARDS",
+                           help="labelled embedding shard folder to fit (e.g. `dist-fair shards lfw --descriptors`)")
+    calibrate.add_argument("--out-preset", default=None, metavar="FILE.yaml", help="preset file to write")
+    calibrate.add_argument("--attribute", default="gender",
+                           help="protected attribute whose groups are fitted (gender: female/male, or race: "
+                                "African/Asian/Caucasian/Indian)")
+    calibrate.add_argument("--rename", default=None,
+                           help="map the shards' group names onto the generator's, e.g. eastasian=Asian,"
+                                "asianindian=Indian (unmatched groups are left out of the fit)")
+    calibrate.add_argument("--fit-dims", default=None,
+                           help="comma-separated generator dimensions to fit (default: the shards' dimension)")
+    calibrate.add_argument("--preset-name", default=None, help="name stored in the preset (default: the file stem)")
 
 
 def run_synth(args: argparse.Namespace):
-    from dist_fair.data.synthetic import generate_synthetic_shards, parse_group_table
+    from dist_fair.data.synthetic import generate_synthetic_shards, parse_cell_table, parse_group_table
+    from dist_fair.errors import DataError
 
+    if args.calibrate is not None:
+        return run_calibrate(args)
+    if args.out is None:
+        raise DataError("dist-fair shards synth needs --out DIR (or --calibrate SHARDS --out-preset FILE.yaml)")
     return generate_synthetic_shards(
         args.out, preset=args.preset, identities=args.identities, images_per_identity=args.images_per_identity,
         min_images=args.min_images, dim=args.dim, seed=args.seed, identity_offset=args.identity_offset,
         shard_rows=args.shard_rows, block_rows=args.block_rows, dtype=args.dtype, workers=args.workers,
-        mix=parse_group_table(args.mix, "mix"), crowding=parse_group_table(args.crowding, "crowding"),
-        spread=parse_group_table(args.spread, "spread"),
+        mix=parse_group_table(args.mix, "mix"), crowding=parse_cell_table(args.crowding, "crowding"),
+        spread=parse_cell_table(args.spread, "spread"), dispersion=parse_cell_table(args.dispersion, "dispersion"),
     )
+
+
+def run_calibrate(args: argparse.Namespace) -> dict:
+    """``--calibrate SHARDS --out-preset FILE``: fit the generator per group of ``--attribute`` and write
+    the preset; returns the JSON summary."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from dist_fair.data import shards as S
+    from dist_fair.data.calibration import calibrate, preset_from_fits, preset_yaml
+    from dist_fair.data.synthetic import GENDERS, RACES
+    from dist_fair.errors import DataError
+    from dist_fair.io_atomic import atomic_write_text
+
+    if not args.out_preset:
+        raise DataError("--calibrate needs --out-preset FILE.yaml (where the fitted preset is written)")
+    labels = S.load_labels(args.calibrate)
+    if args.attribute not in labels.attrs:
+        raise DataError(f"{args.calibrate}: no protected attribute {args.attribute!r}; it has {sorted(labels.attrs)}")
+    rename = {}
+    for part in (args.rename or "").split(","):
+        if part.strip():
+            old, _, new = part.partition("=")
+            rename[old.strip()] = new.strip()
+    targets = GENDERS if args.attribute == "gender" else RACES
+    source_names = labels.attribute_names[args.attribute]
+    codes = np.full(labels.identity.shape, -1, np.int64)
+    left_out = []
+    for code, name in enumerate(source_names):
+        target = rename.get(name, name)
+        match = [t for t in targets if t.lower() == target.lower()]
+        if match:
+            codes[labels.attrs[args.attribute] == code] = targets.index(match[0])
+        else:
+            left_out.append(name)
+    missing = [t for t in targets if not np.any(codes == targets.index(t))]
+    if missing:
+        raise DataError(f"{args.calibrate}: attribute {args.attribute!r} has no samples of {missing} (its groups: "
+                        f"{source_names}); the generator needs all of {targets}: use --rename old=new")
+    dims = [int(d) for d in args.fit_dims.split(",")] if args.fit_dims else None
+    fits = calibrate(S.load_embeddings(args.calibrate), labels.identity, codes, targets, dims=dims, seed=args.seed)
+    name = args.preset_name or Path(args.out_preset).stem
+    preset = preset_from_fits(fits, name, args.attribute, str(args.calibrate))
+    if left_out:
+        preset["calibration"]["left_out_groups"] = left_out
+    header = [f"Preset {name!r}: the synthetic generator fitted to {args.calibrate} per {args.attribute} by",
+              "`dist-fair shards synth --calibrate` (model and fit: dist_fair/data/calibration.py). Every value is",
+              "fitted; tables keyed by group apply to every race (or gender) of the generator."]
+    atomic_write_text(args.out_preset, preset_yaml(preset, header=header))
+    return {"preset": str(args.out_preset), "attribute": args.attribute, "left_out_groups": left_out,
+            "fits": {dim: {"group_cosine": fit.group_cosine,
+                           "groups": {g.name: {"crowding": g.crowding, "spread": g.spread, "dispersion": g.dispersion,
+                                               "max_quantile_error": round(g.max_error(), 4)} for g in fit.groups}}
+                     for dim, fit in fits.items()}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +181,9 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "workers", 1) > 1:
         init_ray(address=getattr(args, "address", None))
     manifest = getattr(importlib.import_module(module_name), run_name)(args)
+    if isinstance(manifest, dict):  # a command that writes no shards (synth --calibrate) returns its summary
+        print(json.dumps(manifest, indent=2))
+        return 0
     summary = {"out": args.out, "kind": manifest.kind, "samples": manifest.num_samples,
                "identities": manifest.num_identities, "shards": len(manifest.shards), "dim": manifest.dim,
                "groups": manifest.group_counts()}
