@@ -238,6 +238,12 @@ def test_forged_oversized_header_refused(tmp_path, images):
     _forge_size(path, 1, MAX_IMAGE_BYTES + 1)
     with pytest.raises(UnsafeTarMemberError, match="'top/Bob/Bob_0001.jpg' declares 67,108,865 bytes"):
         scan_identity_folders(path)
+    # under the image cap but more than the whole tar file holds
+    path = make_tar(tmp_path / "forged2.tar", {"top/Ann/Ann_0001.jpg": images["Ann/Ann_0001.jpg"],
+                                               "top/Bob/notes.txt": b"x" * 10})
+    _forge_size(path, 1, path.stat().st_size + 1)
+    with pytest.raises(UnsafeTarMemberError, match=f"'top/Bob/notes.txt' declares {path.stat().st_size + 1:,} bytes"):
+        scan_identity_folders(path)
 
 
 def test_command_line(tmp_path, images):

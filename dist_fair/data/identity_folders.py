@@ -4,9 +4,10 @@ The layout of LFW, CASIA-WebFace and VGGFace2. Inputs are folders or uncompresse
 several at once (LFW's four ``lfw-deepfunneled-0*.tar`` with the common top folder
 ``lfw-deepfunneled/``); a folder holding ``.tar`` files stands for those tar files. Tar files are
 read in place: every member's header is checked with ``tar_safety.check_tar_member`` (absolute or
-``..`` names, links, devices and members declaring more than ``MAX_IMAGE_BYTES`` are refused,
-naming file, member, reason and fix) and its bytes are later read at the member's offset, never
-extracted.
+``..`` names, links, devices, images declaring more than ``images.MAX_IMAGE_BYTES`` (64 MiB) and
+members declaring more bytes than the tar file has are refused, naming file, member, reason and
+fix) and its bytes are later read at the member's offset, never extracted. Images are checked
+while written as in ``images.write_image_entries`` (JPEG marker, pixel cap, full decode).
 
 - Person: the folder an image sits in (the last folder of its path: ``lfw-deepfunneled/AJ_Cook/
   AJ_Cook_0001.jpg`` -> ``AJ_Cook``), so top folders and tar boundaries do not matter; an image
@@ -43,7 +44,7 @@ from typing import Any, Sequence
 from dist_fair.data.attribute_files import (
     JOINS, MULTI_LABEL, SPEC_HELP, AttributeFile, AttributeJoin, join_attributes, parse_attribute_spec,
 )
-from dist_fair.data.images import IDENTITY_NAMES_FILE, ImageEntry, write_image_entries
+from dist_fair.data.images import IDENTITY_NAMES_FILE, MAX_IMAGE_BYTES, ImageEntry, write_image_entries
 from dist_fair.data.schema import Manifest
 from dist_fair.data.tar_safety import check_tar_member
 from dist_fair.errors import DataError
@@ -52,7 +53,6 @@ from dist_fair.io_atomic import atomic_write_json
 LOG = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
-MAX_IMAGE_BYTES = 64 << 20   # a face image above 64 MiB is a forged header, not a photo
 
 
 @dataclass
@@ -98,10 +98,12 @@ def _person_and_file(parts: Sequence[str], where: str) -> tuple[str, str]:
 def _tar_files(tar_path: Path) -> tuple[list[FaceFile], list[str]]:
     """Images of one uncompressed tar (headers checked), and the names of other files."""
     found, ignored = [], []
+    file_bytes = tar_path.stat().st_size
     try:
         with tarfile.open(tar_path, "r:") as tar:
             for member in tar:
-                check_tar_member(tar_path, member, MAX_IMAGE_BYTES)
+                limit = min(file_bytes, MAX_IMAGE_BYTES) if _is_image(member.name) else file_bytes
+                check_tar_member(tar_path, member, limit)
                 if member.isdir():
                     continue
                 parts = member.name.split("/")
