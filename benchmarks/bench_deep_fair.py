@@ -25,8 +25,15 @@ paper's loss weights and learning rate instead of eq 6.5's, picked on a 12,000-i
 MNIST-USPS where the label-free marginal entropy and the ACC agreed (see ``SETTINGS``). Everything
 else: the dissertation's Table 6.2 where it gives a value, the original papers' otherwise.
 
+Targets (``check_targets``) are on the network's own labels, against Table 6.3's DFDC rows: ACC and
+NMI at least the published value minus 0.04, balance at least the published 0.119 (MNIST-USPS) and
+0.946 (Reverse-MNIST). The fair-assignment rows are reported beside them but are not targets: the
+separate fair assignment reaches the balance for any labels, so such a target could not fail.
+
 Outputs: ``results/bench_deep_fair.{csv,json}`` (the table, per-seed runs, targets) and
-``results/bench_deep_fair_curves.png`` (per-epoch ACC and balance of seed 0).
+``results/bench_deep_fair_curves.png`` (per-epoch ACC and balance of seed 0). ``--from-results
+results/bench_deep_fair.json`` recomputes the table and targets from the per-seed runs of a results
+file without training (and without the data).
 """
 from __future__ import annotations
 
@@ -310,7 +317,17 @@ def summarise(runs: list[dict[str, Any]], datasets: list[str], methods: list[str
     return rows
 
 
+#: Targets on the network's OWN labels (``net``; what Table 6.3's DFDC rows measure): ACC and NMI at
+#: least the published value minus ``ACC_NMI_MARGIN`` (the margin of the first targets, 0.90 for the
+#: published 0.939), balance at least the published value. The fair-assignment ("ILP") rows are
+#: reported but are not targets: a separate fair assignment meets the balance for any input labels
+#: (DEC's included), so a target on them could not fail.
+ACC_NMI_MARGIN = 0.04
+TARGET_ROWS = (("mnist_usps", "dfdc"), ("reverse_mnist", "dfdc"))
+
+
 def check_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Targets that can fail (see ``ACC_NMI_MARGIN``); each {"value", "target", "met"}."""
     def get(dataset: str, method: str, labels: str, metric: str) -> float | None:
         for row in rows:
             if (row["dataset"], row["method"], row["labels"]) == (dataset, method, labels):
@@ -318,23 +335,40 @@ def check_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return None
 
     targets: dict[str, Any] = {}
-    for method, net in (("dfdc", "conv net"), ("dfdc_mlp", "MLP")):
-        acc, bal = get("mnist_usps", method, "net", "acc"), get("mnist_usps", method, "fair", "balance")
-        if acc is not None:
-            targets[f"mnist_usps: DFDC ({net}) ACC >= 0.90"] = {"value": acc, "met": acc >= 0.90}
-        if bal is not None:
-            targets[f"mnist_usps: DFDC ({net}) fair-assignment balance >= 0.119"] = {"value": bal, "met": bal >= 0.119}
-        bal, acc = get("reverse_mnist", method, "fair", "balance"), get("reverse_mnist", method, "net", "acc")
-        if bal is not None:
-            targets[f"reverse_mnist: DFDC ({net}) fair-assignment balance = 1.000"] = {
-                "value": bal, "met": round(bal, 3) == 1.0}
-        if acc is not None:
-            targets[f"reverse_mnist: DFDC ({net}) ACC >= 0.55"] = {"value": acc, "met": acc >= 0.55}
+    for dataset, base in TARGET_ROWS:
+        pub_acc, pub_nmi, pub_balance = PUBLISHED[(dataset, base, "net")]
+        for method, net in ((base, "conv net"), (f"{base}_mlp", "MLP")):
+            for metric, published, floor in (("acc", pub_acc, pub_acc - ACC_NMI_MARGIN),
+                                             ("nmi", pub_nmi, pub_nmi - ACC_NMI_MARGIN),
+                                             ("balance", pub_balance, pub_balance)):
+                value = get(dataset, method, "net", metric)
+                if value is None:
+                    continue
+                name = (f"{dataset}: DFDC ({net}) network labels {metric.upper() if metric != 'balance' else metric}"
+                        f" >= {floor:.3f} (published {published:.3f})")
+                targets[name] = {"value": value, "target": round(floor, 3), "published": published,
+                                 "met": bool(value >= floor - 1e-12)}
     for dataset in DATASETS:
         fair_dec, dec = get(dataset, "fair_dec", "net", "balance"), get(dataset, "dec", "net", "balance")
         if fair_dec is not None and dec is not None:
             targets[f"{dataset}: Fair-DEC balance > DEC balance"] = {"value": [fair_dec, dec], "met": fair_dec > dec}
     return targets
+
+
+def runs_from_results(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The per-seed runs (with the seed-0 curves re-attached) and the rest of a results JSON."""
+    payload = json.loads(path.read_text())
+    if not payload.get("runs"):
+        raise SystemExit(f"{path} holds no per-seed runs; the table cannot be recomputed without training")
+    curves = payload.get("curves_seed0", {})
+    seed0 = min(r["seed"] for r in payload["runs"])
+    runs = []
+    for run in payload["runs"]:
+        run = dict(run)
+        if run["seed"] == seed0:
+            run["curves"] = curves.get(f"{run['dataset']}/{run['method']}", [])
+        runs.append(run)
+    return runs, payload
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
@@ -398,11 +432,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=str(RESULTS / "tmp" / "deep_fair"), help="per-run results (resume)")
     parser.add_argument("--name", default="bench_deep_fair", help="results file name")
     parser.add_argument("--cached-only", action="store_true", help="no training: table of the cached runs")
+    parser.add_argument("--from-results", default=None, metavar="JSON",
+                        help="no training and no data: recompute the table and targets from the per-seed runs of "
+                             "a results file (e.g. results/bench_deep_fair.json) and rewrite it under --name")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.from_results:
+        return recompute(Path(args.from_results), args)
     if not DATA.is_dir():
         print(f"real data not found at {DATA}; nothing to benchmark")
         return 0
@@ -416,17 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         runs += run_dataset(dataset, args.seeds, args.methods, cache, args.limit, args.epochs_scale,
                             train=not args.cached_only, epochs=overrides)
     rows = summarise(runs, args.datasets, args.methods)
-    shown = [{"dataset": r["dataset"], "method": r["method"], "labels": r["labels"],
-              "ACC": fmt(r["acc_mean"], r["acc_std"]), "pub ACC": r["pub_acc"],
-              "NMI": fmt(r["nmi_mean"], r["nmi_std"]), "pub NMI": r["pub_nmi"],
-              "balance": fmt(r["balance_mean"], r["balance_std"]), "pub bal": r["pub_balance"],
-              "fairness": fmt(r["fairness_mean"], r["fairness_std"]), "FWD": fmt(r["fwd_mean"], r["fwd_std"]),
-              "s/run": round(r["seconds_mean"])} for r in rows]
-    print_table(shown, f"Deep fair clustering, mean ± std over seeds {args.seeds} (published: dissertation Table 6.3)")
-    targets = check_targets(rows)
-    print("\nTargets:")
-    for name, result in targets.items():
-        print(f"  {'MET    ' if result['met'] else 'NOT MET'}  {name}: {result['value']}")
+    targets = print_summary(rows, args.seeds)
     config = {"settings": {d: SETTINGS[d] for d in args.datasets}, "seeds": args.seeds, "limit": args.limit,
               "imsat_epochs": args.imsat_epochs, "fair_epochs": args.fair_epochs,
               "epochs_scale": args.epochs_scale, "threads": args.threads, "wall_s": time.perf_counter() - start}
@@ -436,6 +465,43 @@ def main(argv: list[str] | None = None) -> int:
                                                            if r["seed"] == min(args.seeds)}})
     plot_curves(runs, RESULTS / f"{args.name}_curves.png")
     print(f"\nwrote {RESULTS / args.name}.csv/.json and {args.name}_curves.png ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def print_summary(rows: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    shown = [{"dataset": r["dataset"], "method": r["method"], "labels": r["labels"],
+              "ACC": fmt(r["acc_mean"], r["acc_std"]), "pub ACC": r["pub_acc"],
+              "NMI": fmt(r["nmi_mean"], r["nmi_std"]), "pub NMI": r["pub_nmi"],
+              "balance": fmt(r["balance_mean"], r["balance_std"]), "pub bal": r["pub_balance"],
+              "fairness": fmt(r["fairness_mean"], r["fairness_std"]), "FWD": fmt(r["fwd_mean"], r["fwd_std"]),
+              "s/run": round(r["seconds_mean"])} for r in rows]
+    print_table(shown, f"Deep fair clustering, mean ± std over seeds {seeds} (published: dissertation Table 6.3)")
+    targets = check_targets(rows)
+    print("\nTargets (network labels; the fair-assignment rows are reported, not targets):")
+    for name, result in targets.items():
+        print(f"  {'MET    ' if result['met'] else 'NOT MET'}  {name}: {result['value']}")
+    return targets
+
+
+def recompute(path: Path, args: argparse.Namespace) -> int:
+    """``--from-results``: the table and targets from a results file's per-seed runs (no training)."""
+    runs, payload = runs_from_results(path)
+    datasets = [d for d in args.datasets if any(r["dataset"] == d for r in runs)]
+    methods = [m for m in args.methods if any(r["method"] == m for r in runs)]
+    runs = [r for r in runs if r["dataset"] in datasets and r["method"] in methods]
+    seeds = sorted({r["seed"] for r in runs})
+    rows = summarise(runs, datasets, methods)
+    targets = print_summary(rows, seeds)
+    name = args.name if args.name != "bench_deep_fair" else path.stem
+    extra = {k: v for k, v in payload.items() if k not in ("benchmark", "rows", "targets")}
+    extra.update(targets=targets, recomputed={
+        "from": str(path), "at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "note": "table and targets recomputed from the per-seed runs of the file (no training); the machine "
+                "and config are those of the original runs"})
+    write_results(name, rows, extra=extra)
+    if any(r.get("curves") for r in runs):
+        plot_curves(runs, RESULTS / f"{name}_curves.png")
+    print(f"\nwrote {RESULTS / name}.csv/.json (recomputed from {path})")
     return 0
 
 
