@@ -19,7 +19,7 @@ streaming pass (sha256 runs at about 1 GB/s; the rows are then read from the pag
 its rows are yielded: a consumer never sees a row of a file that has not been verified, so no result
 can be committed from bad rows. Each file is hashed once per process (the digest is remembered for
 its path, size, inode, mtime and ctime). Verification is on by default; ``set_shard_verification(False)``
-(the CLIs' ``--no-verify``, the job config's ``data.verify: false``) turns it off for this process and
+(``dist-fair knn`` / ``evaluate`` ``--no-verify``) turns it off for this process and
 the Ray workers it starts, for users who accept the risk (a truncated file is still caught by the
 missing end-of-archive marker and the sample counts). Every tar member
 passes ``tar_safety.check_tar_member`` (no links, devices, absolute or ``..`` names, no member larger
@@ -304,7 +304,7 @@ def set_shard_verification(enabled: bool) -> None:
     their setting)."""
     os.environ[VERIFY_ENV] = "1" if enabled else "0"
     if not enabled:
-        LOG.warning("shard checksums are NOT verified (--no-verify / data.verify=false): a corrupt shard "
+        LOG.warning("shard checksums are NOT verified (--no-verify): a corrupt shard "
                     "gives wrong results without an error")
 
 
@@ -329,7 +329,7 @@ def file_sha256(path: str | Path) -> str:
 def _rewrite_hint(shard_dir: Path) -> str:
     return (f"rewrite it: re-run the `dist-fair shards ...` (or embed) command that wrote {shard_dir} - finished "
             "shards whose bytes still match their receipts are kept, this one is written again - or restore the "
-            "file from a copy; `--no-verify` (data.verify: false) reads it anyway, at your own risk")
+            "file from a copy; the reading command's `--no-verify` reads it anyway, at your own risk")
 
 
 def verify_shard_file(shard_dir: str | Path, info: ShardInfo, verify: bool | None = None) -> Path:
