@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "train": "dist_fair.train.cli",
     "fair-assign": "dist_fair.fair.cli",
     "evaluate": "dist_fair.eval.cli",
+    "scale": "dist_fair.scale.cli",
 }
 
 

@@ -1,15 +1,20 @@
 #!/bin/bash
 # Start a Ray cluster on a SLURM allocation (one Ray node per SLURM node) and run `dist-fair train`
-# on it. Arguments are passed to `dist-fair train`:
+# (or the command named by DIST_FAIR_COMMAND, e.g. `scale`) on it. Arguments are passed to that
+# command, with --address pointing at the allocation's Ray head:
 #
 #   sbatch launch/slurm.sh --config launch/configs/default.yaml \
 #       --set train.model=probe --set train.workers=4 --set train.cpus_per_worker=8
 #   sbatch --gres=gpu:4 launch/slurm.sh --set train.model=probe --set train.workers=8 \
 #       --set train.deepspeed=zero2_gpu --set train.precision=bf16        # GPUs: nccl, bf16
+#   DIST_FAIR_COMMAND=scale sbatch --nodes=4 launch/slurm.sh --out /shared/scale \
+#       --sizes 100000,300000,1000000,3000000 --workers 1,2,4,8 --results /shared/scale/scale_slurm
+#                                                                         # a scaling study
 #
 # Environment (optional): DIST_FAIR_REPO (default: the submit folder), DIST_FAIR_VENV (default:
 # $DIST_FAIR_REPO/.venv, created once with `make install` and `dist-fair train --build-ops`),
-# RUN_DIR (default: $DIST_FAIR_REPO/runs/slurm-$SLURM_JOB_ID), RAY_PORT (default 6379).
+# RUN_DIR (default: $DIST_FAIR_REPO/runs/slurm-$SLURM_JOB_ID; train only), RAY_PORT (default 6379),
+# DIST_FAIR_COMMAND (default train; any dist-fair command that takes --address: scale, knn, run ...).
 # RUN_DIR and the repository must be on storage shared by all nodes (checkpoints, metrics and the
 # trained model are written there by whichever node holds the worker) - see launch/README.md.
 #
@@ -77,5 +82,10 @@ while True:
     time.sleep(5)
 EOF
 
-mkdir -p "$RUN_DIR"
-"$VENV/bin/dist-fair" train --address "$HEAD_IP:$PORT" --run-dir "$RUN_DIR" "$@"
+COMMAND=${DIST_FAIR_COMMAND:-train}
+if [ "$COMMAND" = train ]; then
+    mkdir -p "$RUN_DIR"
+    "$VENV/bin/dist-fair" train --address "$HEAD_IP:$PORT" --run-dir "$RUN_DIR" "$@"
+else
+    "$VENV/bin/dist-fair" "$COMMAND" --address "$HEAD_IP:$PORT" "$@"
+fi
