@@ -45,8 +45,8 @@ def local_scores(model, arrays, options):
     with torch.no_grad():
         probs = model.probs(model(torch.from_numpy(arrays["emb"]))).numpy()
     labels = probs.argmax(axis=1)
-    fair, _ = call_fair_assign(None, probs.astype(np.float64), arrays["attr_group"], rho=options.rho,
-                               eps=options.fair_eps, method=options.fair_method, top_m=options.fair_top_m)
+    fair, _ = call_fair_assign(None, probs.astype(np.float64), arrays["attr_group"], rho=options.fair.rho,
+                               eps=options.fair.eps, method=options.fair.method, top_m=options.fair.top_m)
     groups, identity = arrays["attr_group"], arrays["identity"]
     return {**clustering_scores(labels, groups, identity, "net"), **clustering_scores(fair, groups, identity, "fair")}
 

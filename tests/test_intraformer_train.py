@@ -213,18 +213,18 @@ def test_dist_fair_run_with_the_sequence_model_configs(ray_by_value, tmp_path, c
     skips every stage; a changed decoding parameter redoes only cluster and evaluate."""
     import json
 
-    from dist_fair import pipeline
     from dist_fair.config import load_config
     from dist_fair.models.sequences import TEST
-
+    from dist_fair.pipeline import run_job
     root = Path(__file__).resolve().parents[1]
     overrides = [f"run_dir={tmp_path / 'run'}", "data.identities=80", "data.images_per_identity=8", "data.dim=32",
                  "data.workers=1", "knn.k=16", "knn.recall_sample=0", "train.seq_len=12", "train.epochs=1",
                  "train.batch_size=32", "train.width=16", "train.heads=2", "train.sub_clusters=3",
                  "cluster.infer_rows_per_task=200"]
     config = load_config(root / "launch" / "configs" / config_file, overrides)
-    outcomes = pipeline.run_job(config)
-    assert [o.name for o in outcomes] == ["shards", "knn", "sequences", "train", "infer", "cluster", "evaluate"]
+    outcomes = run_job(config)
+    assert [o.name for o in outcomes] == ["shards", "knn", "sequences", "train", "infer", "cluster", "baseline",
+                                          "evaluate"]
     run_dir = tmp_path / "run"
     report = json.loads((run_dir / "report.json").read_text())
     split = np.load(run_dir / "sequences" / "split.npy")
@@ -233,7 +233,6 @@ def test_dist_fair_run_with_the_sequence_model_configs(ray_by_value, tmp_path, c
     cluster = json.loads((run_dir / "cluster" / "stage.json").read_text())["info"]
     assert cluster["scores"] == "edge probabilities" and cluster["method"] == config.cluster.method
     assert np.load(run_dir / "infer" / "probs.npy").shape == (len(split), 12)
-    assert all(o.skipped for o in pipeline.run_job(config))
-    changed = pipeline.run_job(load_config(root / "launch" / "configs" / config_file,
-                                           overrides + ["cluster.method=threshold"]))
-    assert [o.skipped for o in changed] == [True] * 5 + [False, False]
+    assert all(o.skipped for o in run_job(config))
+    changed = run_job(load_config(root / "launch" / "configs" / config_file, overrides + ["cluster.method=threshold"]))
+    assert [o.skipped for o in changed] == [True] * 5 + [False, False, False]

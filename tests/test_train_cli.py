@@ -11,13 +11,16 @@ import pytest
 from dist_fair.cli import main
 
 
-@pytest.mark.parametrize("model, message", [("dfdc", "planned but not implemented yet"),
+@pytest.mark.parametrize("model, message", [("dfdc", "is registered but its task module"),
                                             ("none", "choose a model to train")])
 def test_untrainable_models_fail_fast_with_a_clear_error(model, message, capsys, tmp_path, monkeypatch):
-    from dist_fair.train import task
+    import dataclasses
 
-    # pretend dfdc's module is not there: the error must say it is planned, and list what can train
-    monkeypatch.setitem(task.TASK_BUILDERS, "dfdc", "dist_fair.not_a_module:build")
+    from dist_fair.models import registry
+
+    # pretend dfdc's module is not there: the error must say so, and list what is registered
+    broken = dataclasses.replace(registry.get_model("dfdc"), task_builder="dist_fair.not_a_module:build")
+    monkeypatch.setitem(registry._REGISTRY, "dfdc", broken)
     code = main(["train", "--run-dir", str(tmp_path), "--set", f"train.model={model}"])
     assert code == 1
     err = capsys.readouterr().err
@@ -25,15 +28,15 @@ def test_untrainable_models_fail_fast_with_a_clear_error(model, message, capsys,
     assert not (tmp_path / "train").exists()
 
 
-def test_every_configurable_model_has_a_task_builder():
+def test_every_configurable_model_is_registered():
     from dist_fair.config import TrainConfig
     from dist_fair.errors import ConfigError
-    from dist_fair.train.task import TASK_BUILDERS
+    from dist_fair.models.registry import model_names
 
     with pytest.raises(ConfigError) as info:
         TrainConfig(model="?")
     choices = {m.strip(" '") for m in str(info.value).split("choose one of", 1)[1].split(",")}
-    assert choices - {"none"} == set(TASK_BUILDERS)
+    assert choices - {"none"} == set(model_names())
 
 
 def test_bad_override_is_a_config_error(capsys, tmp_path):
