@@ -84,7 +84,8 @@ def test_output_is_normalised_and_labels_carry_over(lfw_shards, embedded):
     out, run = embedded
     manifest = run.manifest
     assert manifest.kind == "embeddings" and manifest.dim == 128 and manifest.num_samples == PEOPLE * PER_PERSON
-    assert len(manifest.shards) == 2 and run.embedded == 20 and run.resumed == 0 and run.images_per_s > 0
+    assert len(manifest.shards) == 2 and run.embedded == 20 and run.resumed == 0
+    assert run.images_per_s > 0 and run.images_per_cpu_s > 0
     emb = S.load_embeddings(out)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     images, embedded_labels = S.load_labels(lfw_shards), S.load_labels(out)
@@ -123,6 +124,7 @@ def test_matches_reference_descriptors(lfw_dir, lfw_entries, embedded):
 
 def test_no_face_fallback_is_counted_and_matches_dlib(lfw_entries, tmp_path):
     import dlib
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     uniform = np.full((250, 250, 3), 128, np.uint8)
@@ -151,8 +153,6 @@ def test_no_face_fallback_is_counted_and_matches_dlib(lfw_entries, tmp_path):
     for row, image in ((0, uniform), (2, noise)):
         assert len(dlib.get_frontal_face_detector()(image, 1)) == 0
         h, w = image.shape[:2]
-        from PIL import Image
-
         decoded = np.asarray(Image.open(io.BytesIO(jpgs[row])).convert("RGB"))
         box = dlib.rectangle(w // 2 - 55, h // 2 - 55, w // 2 + 55, h // 2 + 55)
         expected = np.array(recognition.compute_face_descriptor(decoded, predictor(decoded, box), 0, 0.25))
@@ -219,7 +219,8 @@ def test_cli_summary(lfw_shards, tmp_path, capsys, ray_cluster):
                  "--workers", "2", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 4 and summary["dim"] == 128 and summary["embedded"] == 4
-    assert summary["images_per_s"] > 0 and "no_face" in summary and summary["random_weights"] is False
+    assert summary["images_per_s"] > 0 and summary["images_per_cpu_s"] > 0
+    assert "no_face" in summary and summary["random_weights"] is False
     assert main(["embed", "--model", "dlib-resnet", "--checkpoint", "w.pt", "--shards", str(small),
                  "--out", str(tmp_path / "f")]) == 1
     assert "takes no option 'checkpoint'" in capsys.readouterr().err

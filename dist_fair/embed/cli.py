@@ -56,8 +56,8 @@ def main(args: argparse.Namespace) -> int:
     if args.workers > 1:
         init_ray(address=args.address)
     options = {name: getattr(args, name) for name in MODEL_OPTIONS if hasattr(args, name)}
-    run = run_embed(args.shards, args.out, args.model, batch_size=getattr(args, "batch_size", None), workers=args.workers,
-                    dtype=args.dtype, progress=not args.no_progress, **options)
+    run = run_embed(args.shards, args.out, args.model, batch_size=getattr(args, "batch_size", None),
+                    workers=args.workers, dtype=args.dtype, progress=not args.no_progress, **options)
     print(json.dumps({"out": args.out, "model": args.model, "workers": args.workers,
                       "random_weights": run.manifest.source.get("random_weights"), **run.summary()}, indent=2))
     return 0

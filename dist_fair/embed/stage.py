@@ -114,7 +114,7 @@ class EmbedProducer:
         flags: dict[str, list[np.ndarray]] = {f: [] for f in embedder.flags}
         pending: list[tuple[Block, bytes, str]] = []
         out: list[Block] = []
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
 
         def flush() -> None:
             batch = embedder.embed_jpegs([p[1] for p in pending], [p[2] for p in pending])
@@ -151,7 +151,8 @@ class EmbedProducer:
         with atomic_path(record_path(self.out_dir, plan.name, self.job)) as tmp:
             with open(tmp, "wb") as handle:
                 np.savez(handle, **arrays, images=np.int64(plan.rows),
-                         seconds=np.float64(time.perf_counter() - started), run=np.array(self.run_id))
+                         seconds=np.float64(time.perf_counter() - started),
+                         cpu_seconds=np.float64(time.process_time() - cpu_started), run=np.array(self.run_id))
         if out:
             yield _merge(out, manifest)
 
@@ -182,7 +183,9 @@ class EmbedRun:
 
     ``embedded`` images were embedded in this run (the rest came from finished shards of an earlier
     run); ``images_per_s`` = embedded / wall ``seconds`` of the stage (model loading included);
-    ``images_per_s_per_task`` = embedded / summed seconds inside the shard tasks.
+    ``images_per_s_per_task`` = embedded / summed wall seconds inside the shard tasks;
+    ``images_per_cpu_s`` = embedded / summed CPU seconds of those tasks (what one free core gives,
+    whatever else loads the machine).
     """
 
     manifest: Manifest
@@ -190,6 +193,7 @@ class EmbedRun:
     resumed: int
     seconds: float
     task_seconds: float
+    task_cpu_seconds: float = 0.0
     flags: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -200,11 +204,16 @@ class EmbedRun:
     def images_per_s_per_task(self) -> float:
         return self.embedded / self.task_seconds if self.task_seconds > 0 else 0.0
 
+    @property
+    def images_per_cpu_s(self) -> float:
+        return self.embedded / self.task_cpu_seconds if self.task_cpu_seconds > 0 else 0.0
+
     def summary(self) -> dict[str, Any]:
         return {"samples": self.manifest.num_samples, "dim": self.manifest.dim, "shards": len(self.manifest.shards),
                 "embedded": self.embedded, "resumed": self.resumed, "seconds": round(self.seconds, 3),
                 "images_per_s": round(self.images_per_s, 2),
-                "images_per_s_per_task": round(self.images_per_s_per_task, 2), **self.flags}
+                "images_per_s_per_task": round(self.images_per_s_per_task, 2),
+                "images_per_cpu_s": round(self.images_per_cpu_s, 2), **self.flags}
 
 
 class _ProgressBar:
@@ -310,7 +319,7 @@ def run_embed(image_dir: str | Path, out_dir: str | Path, model: str = "resnet18
 
             ray.kill(report.counter)
     seconds = time.perf_counter() - started
-    embedded, task_seconds, totals = _collect_records(out_dir, out, embedder.flags, job, run_id)
+    embedded, task_seconds, task_cpu_seconds, totals = _collect_records(out_dir, out, embedder.flags, job, run_id)
     if (image_dir / IDENTITY_NAMES_FILE).is_file():
         with atomic_path(out_dir / IDENTITY_NAMES_FILE) as tmp:
             shutil.copyfile(image_dir / IDENTITY_NAMES_FILE, tmp)
@@ -322,18 +331,19 @@ def run_embed(image_dir: str | Path, out_dir: str | Path, model: str = "resnet18
             if count:
                 LOG.warning("embed: %d of %d images flagged %s (embedded anyway; per id in %s)", count,
                             out.num_samples, name, out_dir / f"{name}.npy")
-    run = EmbedRun(out, embedded, out.num_samples - embedded, seconds, task_seconds, totals)
-    LOG.info("embed: %d images embedded in %.1f s (%.1f images/s; %.2f per task-second), %d resumed",
-             embedded, seconds, run.images_per_s, run.images_per_s_per_task, run.resumed)
+    run = EmbedRun(out, embedded, out.num_samples - embedded, seconds, task_seconds, task_cpu_seconds, totals)
+    LOG.info("embed: %d images embedded in %.1f s (%.1f images/s; %.2f per task-second, %.2f per CPU-second), "
+             "%d resumed", embedded, seconds, run.images_per_s, run.images_per_s_per_task, run.images_per_cpu_s,
+             run.resumed)
     return run
 
 
 def _collect_records(out_dir: Path, manifest: Manifest, flag_names: tuple[str, ...], job: str,
-                     run_id: str) -> tuple[int, float, dict[str, int]]:
-    """Read every shard's record: (images embedded in this run, their task seconds, flag totals);
+                     run_id: str) -> tuple[int, float, float, dict[str, int]]:
+    """Read every shard's record: (images embedded in this run, their task wall and CPU seconds, flag totals);
     write ``<flag>.npy`` (by id) atomically."""
     full = {name: np.zeros(manifest.num_samples, bool) for name in flag_names}
-    embedded, task_seconds = 0, 0.0
+    embedded, task_seconds, task_cpu_seconds = 0, 0.0, 0.0
     for shard in manifest.shards:
         path = record_path(out_dir, shard.name, job)
         try:
@@ -351,12 +361,13 @@ def _collect_records(out_dir: Path, manifest: Manifest, flag_names: tuple[str, .
         if str(data["run"]) == run_id:
             embedded += int(data["images"])
             task_seconds += float(data["seconds"])
+            task_cpu_seconds += float(data["cpu_seconds"])
     for name, values in full.items():
         atomic_save_npy(out_dir / f"{name}.npy", values)
     for stale in out_dir.glob(".*.embed-*.npz"):  # records of other jobs (the shards were rewritten)
         if not stale.name.endswith(f".embed-{job[:16]}.npz"):
             stale.unlink()
-    return embedded, task_seconds, {name: int(values.sum()) for name, values in full.items()}
+    return embedded, task_seconds, task_cpu_seconds, {name: int(values.sum()) for name, values in full.items()}
 
 
 def load_flag(shard_dir: str | Path, name: str = "no_face") -> np.ndarray:
