@@ -270,7 +270,7 @@ def run_variant(name: str, variant: dict[str, Any], train: DataSet, val: DataSet
 
     from dist_fair.models.edge_inference import predict_edge_probs
     from dist_fair.models.intraformer import count_parameters, build_model
-    from dist_fair.models.intraformer_task import loss_config, model_spec, sequence_task, write_spec, load_trained
+    from dist_fair.tasks.sequence_task import loss_config, model_spec, sequence_task, write_spec, load_trained
     from dist_fair.train.engine import fit
 
     cfg = train_config(variant, args)

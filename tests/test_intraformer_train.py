@@ -74,7 +74,7 @@ TRAIN = TrainConfig(model="intraformer", deepspeed="zero1_cpu", workers=2, place
 
 @pytest.fixture(scope="module")
 def trained(ray_by_value, sequence_folders):
-    from dist_fair.models.intraformer_task import task_from_folders, write_spec
+    from dist_fair.tasks.sequence_task import task_from_folders, write_spec
     from dist_fair.train.engine import fit
 
     root, _ = sequence_folders
@@ -105,7 +105,7 @@ def test_ray_inference_writes_every_row_once_equal_to_local_predictions(trained,
     from dist_fair.models.sequences import open_sequence_inputs
     from dist_fair.models.edge_inference import predict_edge_probs, predict_probs
     from dist_fair.models.intraformer import build_model
-    from dist_fair.models.intraformer_task import load_trained
+    from dist_fair.tasks.sequence_task import load_trained
 
     root, _, result = trained
     spec, weights = load_trained(result.train_dir)

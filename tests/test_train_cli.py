@@ -16,7 +16,7 @@ from dist_fair.cli import main
 def test_untrainable_models_fail_fast_with_a_clear_error(model, message, capsys, tmp_path, monkeypatch):
     import dataclasses
 
-    from dist_fair.models import registry
+    from dist_fair.tasks import registry
 
     # pretend dfdc's module is not there: the error must say so, and list what is registered
     broken = dataclasses.replace(registry.get_model("dfdc"), task_builder="dist_fair.not_a_module:build")
@@ -31,7 +31,7 @@ def test_untrainable_models_fail_fast_with_a_clear_error(model, message, capsys,
 def test_every_configurable_model_is_registered():
     from dist_fair.config import TrainConfig
     from dist_fair.errors import ConfigError
-    from dist_fair.models.registry import model_names
+    from dist_fair.tasks.registry import model_names
 
     with pytest.raises(ConfigError) as info:
         TrainConfig(model="?")

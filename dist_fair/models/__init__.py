@@ -1,5 +1,5 @@
 """Clustering models over kNN sequences (METHODS.md §4): the Intraformer and the Clusformer
-baseline (``intraformer.py``), their training task for the engine (``intraformer_task.py``) and
+baseline (``intraformer.py``; their training task is ``dist_fair.tasks.sequence_task``) and
 inference on Ray workers writing edge probabilities (``edge_inference.py``).
 
 Imported lazily so that ``import dist_fair.models`` does not import torch.
@@ -15,8 +15,6 @@ _EXPORTS = {
     "build_model": "dist_fair.models.intraformer",
     "sub_cluster_bounds": "dist_fair.models.intraformer",
     "CROSS_MODES": "dist_fair.models.intraformer",
-    "sequence_task": "dist_fair.models.intraformer_task",
-    "build_sequence_task": "dist_fair.models.intraformer_task",
     "predict_edge_probs": "dist_fair.models.edge_inference",
 }
 

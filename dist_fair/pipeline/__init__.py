@@ -20,7 +20,7 @@ this package.
 """
 from __future__ import annotations
 
-from dist_fair.pipeline.job import plan_job, run_job
-from dist_fair.pipeline.stage import StageOutcome
+from .job import plan_job, run_job
+from .stage import StageOutcome
 
 __all__ = ["run_job", "plan_job", "StageOutcome"]

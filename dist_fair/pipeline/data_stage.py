@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dist_fair.pipeline.stage import JobContext, StageOutcome
+from .stage import JobContext, StageOutcome
 
 #: data fields each source reads (the fingerprint of a generated shard folder covers exactly these).
 SOURCE_FIELDS = {

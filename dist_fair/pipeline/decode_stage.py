@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dist_fair.io_atomic import atomic_save_npy
-from dist_fair.pipeline.stage import JobContext, StageOutcome
+from .stage import JobContext, StageOutcome
 
 #: ClusterConfig fields that change no label (inference settings).
 INFERENCE_FIELDS = ("infer_workers", "infer_batch", "infer_rows_per_task")

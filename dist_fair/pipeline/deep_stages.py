@@ -21,8 +21,8 @@ import numpy as np
 
 from dist_fair.errors import ConfigError
 from dist_fair.io_atomic import atomic_save_npy, atomic_write_json
-from dist_fair.pipeline.sequence_stages import log_training, train_params
-from dist_fair.pipeline.stage import JobContext, StageOutcome
+from .sequence_stages import log_training, train_params
+from .stage import JobContext, StageOutcome
 
 MODEL_FILE = "deep_model.json"
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dist_fair.errors import ConfigError
-from dist_fair.pipeline.stage import JobContext, StageOutcome
+from .stage import JobContext, StageOutcome
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dist_fair.errors import ConfigError
 from dist_fair.io_atomic import atomic_write_text
-from dist_fair.pipeline.stage import JobContext, StageOutcome
+from .stage import JobContext, StageOutcome
 
 LOG = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ REPORT_FILES = ("report.json", "report.md", "report.png")
 def _family(config) -> str:
     if config.train.model == "none":
         return "none"
-    from dist_fair.models.registry import get_model
+    from dist_fair.tasks.registry import get_model
 
     family = get_model(config.train.model).family
     if family == "probe":
@@ -44,17 +44,17 @@ def _check(config, family: str) -> None:
 
 
 def _stages(ctx: JobContext) -> None:
-    from dist_fair.pipeline.data_stage import shards_stage
-    from dist_fair.pipeline.decode_stage import baseline_stage, cluster_stage
-    from dist_fair.pipeline.evaluate_stage import Labeling, evaluate_stage
-    from dist_fair.pipeline.graph_stage import knn_stage
+    from .data_stage import shards_stage
+    from .decode_stage import baseline_stage, cluster_stage
+    from .evaluate_stage import Labeling, evaluate_stage
+    from .graph_stage import knn_stage
 
     config = ctx.config
     family = _family(config)
     _check(config, family)
     shards = shards_stage(ctx)
     if family == "deep":
-        from dist_fair.pipeline.deep_stages import deep_train_stage, fair_assign_stage, predict_stage
+        from .deep_stages import deep_train_stage, fair_assign_stage, predict_stage
 
         trained = deep_train_stage(ctx, shards)
         predicted = predict_stage(ctx, shards, trained)
@@ -65,7 +65,7 @@ def _stages(ctx: JobContext) -> None:
         return
     knn = knn_stage(ctx, shards)
     if family == "sequence":
-        from dist_fair.pipeline.sequence_stages import infer_stage, sequence_train_stage, sequences_stage
+        from .sequence_stages import infer_stage, sequence_train_stage, sequences_stage
 
         seqs = sequences_stage(ctx, shards, knn)
         trained = sequence_train_stage(ctx, seqs, knn)
@@ -122,10 +122,10 @@ def plan_job(config) -> list[StageOutcome]:
 
 def prepare_training_inputs(config, run_dir: str | Path):
     """The stages before ``train`` for ``train.model`` (shards; for sequence models also knn and
-    sequences), run or reused in ``run_dir``, as the :class:`~dist_fair.models.registry.TaskInputs`
+    sequences), run or reused in ``run_dir``, as the :class:`~dist_fair.tasks.registry.TaskInputs`
     of its task builder (``dist-fair train``)."""
-    from dist_fair.models.registry import TaskInputs
-    from dist_fair.pipeline.data_stage import shards_stage
+    from dist_fair.tasks.registry import TaskInputs
+    from .data_stage import shards_stage
 
     run_dir = Path(run_dir)
     ctx = JobContext(config, run_dir)
@@ -133,8 +133,8 @@ def prepare_training_inputs(config, run_dir: str | Path):
     shards = shards_stage(ctx)
     if family != "sequence":
         return TaskInputs(run_dir=run_dir, shards=shards.folder)
-    from dist_fair.pipeline.graph_stage import knn_stage
-    from dist_fair.pipeline.sequence_stages import sequences_stage
+    from .graph_stage import knn_stage
+    from .sequence_stages import sequences_stage
 
     knn = knn_stage(ctx, shards)
     seqs = sequences_stage(ctx, shards, knn)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from dist_fair.errors import ConfigError
-from dist_fair.pipeline.stage import JobContext, StageOutcome
+from .stage import JobContext, StageOutcome
 
 LOG = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ def sequence_train_stage(ctx: JobContext, seqs: StageOutcome, knn: StageOutcome)
     config = ctx.config
 
     def work(folder: Path) -> dict[str, Any]:
-        from dist_fair.models.intraformer_task import write_spec
-        from dist_fair.models.registry import TaskInputs, create_task
+        from dist_fair.tasks.sequence_task import write_spec
+        from dist_fair.tasks.registry import TaskInputs, create_task
         from dist_fair.train.engine import fit
 
         task = create_task(config, TaskInputs(run_dir=ctx.run_dir, knn=knn.folder, sequences=seqs.folder))
@@ -112,7 +112,7 @@ def infer_stage(ctx: JobContext, seqs: StageOutcome, knn: StageOutcome, trained:
     def work(folder: Path) -> dict[str, Any]:
         from dist_fair.models.sequences import open_sequence_inputs
         from dist_fair.models.edge_inference import predict_edge_probs
-        from dist_fair.models.intraformer_task import load_trained
+        from dist_fair.tasks.sequence_task import load_trained
 
         spec, weights = load_trained(trained.folder)
         inputs = open_sequence_inputs(seqs.folder, knn.folder, spec.seq_len)

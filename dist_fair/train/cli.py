@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
 
     init_ray(address=args.address or job.ray.address, num_cpus=job.ray.num_cpus,
              include_dashboard=job.ray.include_dashboard, namespace=job.ray.namespace)
-    from dist_fair.models.registry import create_task
+    from dist_fair.tasks.registry import create_task
     from dist_fair.pipeline.job import prepare_training_inputs
 
     task = create_task(job, prepare_training_inputs(job, run_dir))  # the stages before train, run or reused

@@ -114,11 +114,11 @@ _DISCRIMINATIVE_CONFIG = ("deep.backbone", "deep.hidden", "deep.image_shape", "d
 _CENTROID_CONFIG = ("deep.latent_dim", "deep.ae_hidden", "deep.ae_epochs", "deep.ae_lr", "deep.alpha",
                     "deep.kmeans_sample", "deep.kmeans_iters")
 
-register_model("intraformer", "sequence", "dist_fair.models.intraformer_task:build_sequence_task",
+register_model("intraformer", "sequence", "dist_fair.tasks.sequence_task:build_sequence_task",
                _SEQUENCE_CONFIG + ("train.penalty", "train.penalty_weight", "train.bce_weight", "train.group_attribute"),
                "Intraformer: sub-cluster + cross attention over kNN sequences, soft FM + lambda purity penalty "
                "(METHODS.md §4)")
-register_model("clusformer", "sequence", "dist_fair.models.intraformer_task:build_sequence_task", _SEQUENCE_CONFIG,
+register_model("clusformer", "sequence", "dist_fair.tasks.sequence_task:build_sequence_task", _SEQUENCE_CONFIG,
                "Clusformer baseline: a plain transformer encoder over kNN sequences with BCE (METHODS.md §4)")
 register_model("dec", "deep", "dist_fair.deep.task:build_deep_task", _DEEP_CONFIG + _CENTROID_CONFIG,
                "DEC: autoencoder, k-means centroids, KL(P || Q) (METHODS.md §5)")
