@@ -28,7 +28,7 @@ def ray_by_value(ray_cluster):
     return ray_cluster
 
 
-def test_run_resume_skip_and_plan(tmp_path, ray_cluster, monkeypatch):
+def test_run_resume_skip_and_plan(tmp_path, ray_cluster, monkeypatch, capsys):
     import dist_fair.pipeline.evaluate_stage as evaluate_module
 
     run_dir = tmp_path / "run"
@@ -68,6 +68,13 @@ def test_run_resume_skip_and_plan(tmp_path, ray_cluster, monkeypatch):
 
     assert all(o.skipped for o in run_job(config))
     assert all(o.complete for o in plan_job(config))
+    from dist_fair.cli import main
+
+    assert main(["run", "--plan", "--set", "train.model=none", "--run-dir", str(run_dir)] +
+                [a for s in TINY + ["knn.k=10"] for a in ("--set", s)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in printed[1:]] == [["shards", "complete"], ["knn", "to"], ["cluster", "to"],
+                                                         ["evaluate", "to"]]
     # a changed kNN parameter redoes kNN and everything after it, not the shards
     changed = _baseline(run_dir, "knn.k=10")
     assert [o.complete for o in plan_job(changed)] == [True, False, False, False]

@@ -4,8 +4,8 @@
 assignment ``q_i`` for the DEC family), ``labels[i] = argmax_j probs[i, j]``. One Ray task per
 shard (an exactly-once share: every row of the shard folder belongs to exactly one shard), at
 most ``workers`` at once; each task builds the model from the weights put once into the object
-store, predicts its shard's blocks in batches and writes ``parts/<shard>.npz``-like ``.npy`` part
-files atomically; a re-run skips shards whose part exists. The driver copies the parts, in id
+store, predicts its shard's blocks in batches and writes ``parts/<shard>.probs.npy`` and
+``parts/<shard>.ids.npy`` atomically (ids last); a re-run skips shards whose ids part exists. The driver copies the parts, in id
 order, into ``probs.npy`` (float32, N x K) and ``labels.npy`` (int64, N) and deletes them. No
 protected attribute is read: predictions need none (out-of-sample clustering).
 """
