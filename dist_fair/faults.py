@@ -41,7 +41,7 @@ KILL_POINTS: dict[str, str] = {
     "infer.task_done": "one Ray inference task wrote its rows, the probabilities file is not final "
                        "(models/edge_inference.py)",
     "fair_assign.solved": "the fair assignment is solved, labels.npy is not written (fair/cli.py)",
-    "evaluate.scored": "the metrics are computed, the report is not written (eval/report.py)",
+    "evaluate.scored": "the metrics are computed, the report is not written (eval/cli.py)",
 }
 
 _counts: dict[str, int] = {}

@@ -43,6 +43,7 @@ import numpy as np
 from dist_fair.data.schema import MANIFEST_NAME, Manifest, ShardInfo
 from dist_fair.data.tar_safety import check_tar_member
 from dist_fair.errors import DataError, ShardError
+from dist_fair.faults import kill_point
 from dist_fair.io_atomic import atomic_write_json
 
 LOG = logging.getLogger(__name__)
@@ -683,8 +684,10 @@ def _read_receipt(out_dir: Path, plan: ShardPlan, fingerprint: str) -> ShardInfo
 
 def _write_planned_shard(out_dir: str, plan: ShardPlan, producer: Callable[[ShardPlan], Iterable[Any]], kind: str,
                          attribute_names: dict[str, list[str]], dim: int | None, dtype: str,
-                         fingerprint: str) -> ShardInfo:
-    return write_shard(out_dir, plan, producer(plan), kind, attribute_names, dim, dtype, fingerprint)
+                         fingerprint: str, kill_point_name: str = "shards.shard_written") -> ShardInfo:
+    info = write_shard(out_dir, plan, producer(plan), kind, attribute_names, dim, dtype, fingerprint)
+    kill_point(kill_point_name)  # fault injection (dist_fair.faults): shard and receipt written, manifest not
+    return info
 
 
 def write_shard_set(out_dir: str | Path, plans: Sequence[ShardPlan], producer: Callable[[ShardPlan], Iterable[Any]],
@@ -721,10 +724,11 @@ def write_shard_set(out_dir: str | Path, plans: Sequence[ShardPlan], producer: C
         LOG.info("resuming: %d of %d shards already complete in %s", len(infos), len(plans), out_dir)
     bar = tqdm(total=sum(p.rows for p in plans), initial=sum(i.samples for i in infos.values()),
                unit="rows", desc=f"writing {out_dir.name}", disable=not progress)
+    point = "embed.shard_written" if (source or {}).get("source") == "embed" else "shards.shard_written"
     if workers <= 1 or len(todo) <= 1:
         for plan in todo:
             infos[plan.index] = _write_planned_shard(str(out_dir), plan, producer, kind, attribute_names, dim, dtype,
-                                                   fingerprint)
+                                                   fingerprint, point)
             bar.update(plan.rows)
     else:
         import ray
@@ -740,7 +744,7 @@ def write_shard_set(out_dir: str | Path, plans: Sequence[ShardPlan], producer: C
             while queue and len(pending) < workers:
                 plan = queue.pop(0)
                 pending[remote.remote(str(out_dir), plan, producer_ref, kind, attribute_names, dim, dtype,
-                                      fingerprint)] = plan
+                                      fingerprint, point)] = plan
             ready, _ = ray.wait(list(pending), num_returns=1)
             plan = pending.pop(ready[0])
             try:

@@ -88,6 +88,7 @@ def main(args: argparse.Namespace) -> int:
     from dist_fair.data.shards import load_labels, read_manifest, set_shard_verification
     from dist_fair.errors import DataError
     from dist_fair.eval.report import evaluate_labels, write_report_files
+    from dist_fair.faults import kill_point
 
     if getattr(args, "no_verify", False):
         set_shard_verification(False)
@@ -105,6 +106,7 @@ def main(args: argparse.Namespace) -> int:
     report["inputs"] = {"shards": str(args.shards), "pred": str(args.pred),
                         "noise_samples": int((pred < 0).sum()) if pred.dtype.kind == "i" else 0,
                         "seconds": round(time.perf_counter() - start, 3)}
+    kill_point("evaluate.scored")  # fault injection (dist_fair.faults): scored, no report written yet
     out = Path(args.out)
     title = args.title or f"Evaluation of {Path(args.pred).name} on {Path(args.shards).name}"
     written = write_report_files(

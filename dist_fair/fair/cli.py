@@ -78,6 +78,7 @@ def main(args: argparse.Namespace) -> int:
 
     from dist_fair.errors import DataError
     from dist_fair.fair.assign import fair_assign
+    from dist_fair.faults import kill_point
     from dist_fair.io_atomic import atomic_save_npy, atomic_write_json
 
     probs = _load(args.probs, "probs")
@@ -110,6 +111,7 @@ def main(args: argparse.Namespace) -> int:
         result = fair_assign_ray(probs, groups, rho=rho, eps=args.eps, top_m=args.top_m, num_workers=args.workers)
     else:
         result = fair_assign(probs, groups, rho=rho, eps=args.eps, method=args.method, top_m=args.top_m)
+    kill_point("fair_assign.solved")  # fault injection (dist_fair.faults): solved, nothing written yet
     atomic_save_npy(out, result.labels.astype(np.int64))
     report = result.report.to_dict()
     report.update({"probs": str(args.probs), "groups": str(args.groups), "labels": str(out)})

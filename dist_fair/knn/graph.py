@@ -50,6 +50,7 @@ import numpy as np
 
 from dist_fair.config import KNNConfig
 from dist_fair.errors import ConfigError, DataError, DistFairError, ShardError
+from dist_fair.faults import kill_point
 from dist_fair.io_atomic import atomic_write_json
 from dist_fair.knn.actors import FaultInjection, IndexShardActor
 from dist_fair.knn.indexes import IndexSpec, resolve_kind, resolve_params
@@ -409,6 +410,7 @@ def build_knn_graph(shard_dir: str | Path, out_dir: str | Path, config: KNNConfi
             sims[ids[0]:ids[-1] + 1] = block_sims
             write_s += time.perf_counter() - t
             bar.update(ids.size)
+            kill_point("knn.block_searched")  # fault injection (dist_fair.faults): graph files not final yet
 
         t0 = time.perf_counter()
         for block_no, (ids, emb, ident) in enumerate(iter_query_blocks(shard_dir, config.query_block)):
