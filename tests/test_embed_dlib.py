@@ -27,6 +27,8 @@ pytest.importorskip("dlib", reason="dlib-resnet needs dist_fair[faces]")
 PEOPLE = 5
 PER_PERSON = 4
 NO_FACE_IN_REFERENCE = "Abdoulaye_Wade_0003.jpg"  # lfw_dlib128.npz marks it no_face
+#: images where the HOG detector finds several faces (the one nearest the centre is embedded)
+SEVERAL_FACES = ["Abdullah_Gul_0008.jpg", "Abdullah_Gul_0009.jpg", "Abdullah_Gul_0011.jpg"]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,8 @@ def lfw_dir(shared_data):
 
 @pytest.fixture(scope="module")
 def lfw_entries(lfw_dir):
-    """4 images each of the first 5 people (sorted) with >= 4 images, Abdoulaye Wade among them
-    (one of his images has no HOG-detectable face); gender from the LFW name lists."""
+    """4 images each of the first 5 people (sorted) with >= 4 images: one of Abdoulaye Wade's has no
+    HOG-detectable face, three of Abdullah Gul's have several; gender from the LFW name lists."""
     tar_path = lfw_dir / "lfw-deepfunneled-00.tar"
     female = set((lfw_dir / "lfw_female_names.txt").read_text().split())
     by_person = defaultdict(list)
@@ -49,7 +51,10 @@ def lfw_entries(lfw_dir):
     chosen = ["Abdoulaye_Wade"] + [p for p in people if p != "Abdoulaye_Wade"][: PEOPLE - 1]
     entries = []
     for identity, person in enumerate(sorted(chosen)):
-        for member in sorted(by_person[person], key=lambda m: m.name)[:PER_PERSON]:
+        members = sorted(by_person[person], key=lambda m: m.name)
+        if person == "Abdullah_Gul":
+            members = [m for m in members if m.name.endswith(tuple(SEVERAL_FACES))] + members
+        for member in sorted(members[:PER_PERSON], key=lambda m: m.name):
             base = member.name.split("/")[-1]
             entries.append(ImageEntry(base, str(tar_path), member.name, member.offset_data, member.size, identity,
                                       {"gender": int(base in female)}))
@@ -119,6 +124,18 @@ def test_matches_reference_descriptors(lfw_dir, lfw_entries, embedded):
     no_face = load_flag(out, "no_face")
     assert np.array_equal(no_face, reference["no_face"][rows])
     assert no_face[[e.name for e in lfw_entries].index(NO_FACE_IN_REFERENCE)]
+    # The centre rule is exercised: dlib's detector finds several faces on these.
+    import dlib
+    from PIL import Image
+
+    detector = dlib.get_frontal_face_detector()
+    several = [e for e in lfw_entries if e.name in SEVERAL_FACES]
+    assert len(several) == len(SEVERAL_FACES)
+    for entry in several:
+        with open(entry.path, "rb") as handle:
+            handle.seek(entry.offset)
+            image = np.asarray(Image.open(io.BytesIO(handle.read(entry.size))).convert("RGB"))
+        assert len(detector(image, 1)) > 1, entry.name
     assert run.manifest.source["no_face"] == int(no_face.sum()) == run.flags["no_face"] >= 1
 
 
