@@ -236,7 +236,7 @@ class TrainConfig:
     workers: int = 2
     cpus_per_worker: int = 1
     placement: str = "PACK"
-    epochs: int = 3
+    epochs: int = 4
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -331,7 +331,7 @@ class DeepConfig:
     ae_hidden: list[int] = field(default_factory=lambda: [500, 500, 2000])
     ae_epochs: int = 10
     ae_lr: float | None = None
-    pretrain_epochs: int = 0
+    pretrain_epochs: int = 1
     beta: float = 4.0
     gamma: float = 1.0
     mu: float = 1.0

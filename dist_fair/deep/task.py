@@ -651,6 +651,10 @@ def deep_options(job: Any, shard_dir: str | Path) -> DeepOptions:
             raise ConfigError(f"config field 'train.group_attribute': {attribute!r} is not a protected attribute of "
                               f"{shard_dir} (it has {sorted(manifest.attributes) or 'none'}); name one of those")
         attribute = None
+    if model in FAIR_TRAINING_METHODS and deep.pretrain_epochs >= job.train.epochs:
+        raise ConfigError(f"config field 'deep.pretrain_epochs': {deep.pretrain_epochs} base-loss epochs of "
+                          f"train.epochs={job.train.epochs} leave none for {model}'s fairness loss; lower it or raise "
+                          "train.epochs")
     k = deep.n_clusters or int(getattr(manifest, "num_identities", 0) or 0)
     if k < 2:
         raise ConfigError(f"{shard_dir}: the manifest does not say how many identities (clusters) there are; "
