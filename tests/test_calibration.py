@@ -14,7 +14,7 @@ from dist_fair.data.synthetic import GENDERS, RACES, identity_images, spec_from_
 from dist_fair.errors import DataError
 
 KNOWN = dict(crowding={"female": 2.5, "male": 2.0}, spread={"female": 0.45, "male": 0.35},
-             dispersion={"female": 0.2, "male": 0.1}, group_cosine=0.5)
+             dispersion={"female": 0.2, "male": 0.1}, group_cosine=0.5, identity_dim=24)
 TABLE = {"counts": [1, 2, 3, 4, 6, 9, 14], "people": [120, 90, 60, 40, 30, 20, 12]}
 
 
@@ -43,11 +43,22 @@ def test_statistics_match_brute_force():
     impostor = [max(sims[i, j] for j in range(70) if identity[j] != identity[i]) for i in range(70)]
     assert np.allclose(np.sort(C.same_identity_similarities(x, identity)), same, atol=1e-6)
     assert np.allclose(C.nearest_impostor_similarities(x, identity, block=16), impostor, atol=1e-6)
+    top3 = [sorted((sims[i, j] for j in range(70) if identity[j] != identity[i]), reverse=True)[:3] for i in range(70)]
+    assert np.allclose(C.nearest_impostors(x, identity, k=3, block=16), top3, atol=1e-6)
     means = [x[groups == t].astype(np.float64).mean(0) for t in range(3)]
     cos = [means[a] @ means[b] / np.linalg.norm(means[a]) / np.linalg.norm(means[b])
            for a in range(3) for b in range(a + 1, 3)]
     assert C.mean_group_cosine(x, groups, 3) == pytest.approx(np.mean(cos), abs=1e-9)
     assert C.images_table(np.array([5, 5, 7, 9, 9, 9, 2])) == ([1, 2, 3], [2, 1, 1])
+    # participation ratio of the identity means (>= 2 images, group means removed) vs eigenvalues
+    ids = np.unique(identity)
+    keep = [i for i in ids if np.sum(identity == i) >= 2]
+    means = np.stack([x[identity == i].astype(np.float64).mean(0) for i in keep])
+    mean_groups = np.array([groups[identity == i][0] for i in keep])
+    for t in range(3):
+        means[mean_groups == t] -= means[mean_groups == t].mean(0)
+    eig = np.linalg.eigvalsh(np.cov(means.T, bias=True))
+    assert C.identity_participation_ratio(x, identity, groups) == pytest.approx(eig.sum() ** 2 / np.square(eig).sum())
 
 
 def test_simulated_pairs_follow_the_generator():
@@ -90,6 +101,7 @@ def test_fit_recovers_known_parameters(tmp_path):
         assert g.images == (TABLE["counts"], TABLE["people"])
         assert g.max_error() < 0.02
     assert fit.group_cosine == pytest.approx(KNOWN["group_cosine"], abs=0.05)
+    assert KNOWN["identity_dim"] / 1.5 <= fit.identity_dim <= KNOWN["identity_dim"] * 1.5
     # a different truth gives a clearly different fit (the test can fail)
     assert fit.by_name()["female"].crowding > fit.by_name()["male"].crowding * 1.1
 
@@ -144,12 +156,13 @@ def test_realistic_preset_is_packaged_with_its_sources():
     assert preset["default_dim"] == 128 and {128, 512} <= set(preset["dims"])
     for fit in preset["dims"].values():
         assert set(fit["crowding"]) == {f"{r}/{g}" for r in RACES for g in GENDERS}
-        assert 0 < fit["group_cosine"] < 1
+        assert 0 < fit["group_cosine"] < 1 and 2 <= fit["identity_dim"] <= 128
     text = preset_path("realistic").read_text()
     for needle in ("FITTED", "ASSUMED", "lfw_race_dict.json", "RFW", "people"):
         assert needle in text
     spec = spec_from_preset("realistic", identities=40)
     assert spec.dim == 128 and spec.images_table is not None and spec.group_cosine is not None
+    assert spec.identity_dim is not None
     emb, identity, race, gender = synthetic_arrays(spec)
     assert emb.shape[1] == 128 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     with pytest.raises(DataError, match="fits for dims"):
@@ -191,13 +204,23 @@ def test_realistic_quantiles_within_002_of_lfw(lfw_vs_realistic):
             assert np.max(np.abs(diff)) <= 0.02, (name, diff)
 
 
-def _knn_threshold_f(emb, identity, k=20, splits=(0, 1, 2)):
+def matched_validation(identity, groups, seed, fraction=0.3):
+    """Validation mask: the identities at a seeded random 30 % of the ranks of the order (group,
+    images, identity). Two sets with the same groups and images-per-identity profile (LFW and the
+    generator at LFW's size) thus hold out identities of the same sizes - pairwise F is dominated by
+    the few largest people, so unmatched splits would compare different problems."""
+    ids, first, counts = np.unique(identity, return_index=True, return_counts=True)
+    order = np.lexsort((ids, counts, groups[first]))
+    chosen = order[np.random.default_rng(seed).permutation(ids.size)[: int(round(fraction * ids.size))]]
+    return np.isin(identity, ids[chosen])
+
+
+def _knn_threshold_f(emb, identity, groups, k=20, splits=tuple(range(10))):
     """kNN (exact, faiss flat) + threshold baseline: tau chosen on 30 % held-out identities (whole
     graph decoded), pairwise F on the other identities; mean over the splits."""
     import faiss
 
     from dist_fair.cluster.edges import choose_decoding, decode_edges
-    from dist_fair.data.splits import split_identities
     from dist_fair.eval.metrics import pairwise_fscore
 
     x = np.ascontiguousarray(emb, np.float32)
@@ -207,7 +230,7 @@ def _knn_threshold_f(emb, identity, k=20, splits=(0, 1, 2)):
     grid = [round(v, 4) for v in np.arange(0.90, 0.99, 0.0025)]
     scores = []
     for seed in splits:
-        val = split_identities(identity, 0.3, seed)
+        val = matched_validation(identity, groups, seed)
         tau = choose_decoding(nbrs, sims, identity, val, grid, context="graph").tau
         labels = decode_edges(nbrs, sims, "threshold", tau)
         scores.append(pairwise_fscore(identity[~val], labels[~val])[2])
@@ -216,7 +239,7 @@ def _knn_threshold_f(emb, identity, k=20, splits=(0, 1, 2)):
 
 def test_knn_baseline_f_within_003_of_lfw(lfw_vs_realistic):
     ref, gen = lfw_vs_realistic
-    f_lfw = _knn_threshold_f(ref.emb, ref.identity)
-    f_gen = _knn_threshold_f(gen.emb, gen.identity)
+    f_lfw = _knn_threshold_f(ref.emb, ref.identity, ref.groups)
+    f_gen = _knn_threshold_f(gen.emb, gen.identity, gen.groups)
     assert 0.5 < f_lfw < 1.0
     assert abs(f_gen - f_lfw) <= 0.03, (f_lfw, f_gen)

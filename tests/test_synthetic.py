@@ -171,3 +171,21 @@ def test_overrides_replace_the_cells_they_cover():
 def test_bad_calibrated_specs(kwargs, needle):
     with pytest.raises(DataError, match=needle):
         SyntheticSpec(**kwargs)
+
+
+def test_identity_dim_confines_identities_to_a_subspace():
+    from dist_fair.data.calibration import identity_participation_ratio
+    from dist_fair.data.synthetic import identity_basis
+
+    common = dict(identities=300, images_per_identity=6, dim=48, seed=4, mix={"Caucasian": 1.0},
+                  crowding={"Caucasian": 1.0, "African": 1.0, "Asian": 1.0, "Indian": 1.0},
+                  spread={"Caucasian": 0.05, "African": 0.05, "Asian": 0.05, "Indian": 0.05})
+    low = synthetic_arrays(SyntheticSpec(identity_dim=6, **common))
+    full = synthetic_arrays(SyntheticSpec(**common))
+    ratio_low = identity_participation_ratio(low[0], low[1], low[2])
+    ratio_full = identity_participation_ratio(full[0], full[1], full[2])
+    assert 4.5 < ratio_low < 7.5 and ratio_full > 30
+    basis = identity_basis(4, 48, 6)
+    assert np.allclose(basis @ basis.T, np.eye(6), atol=1e-12)
+    with pytest.raises(DataError, match="identity_dim"):
+        SyntheticSpec(identity_dim=0, **common)

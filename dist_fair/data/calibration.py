@@ -9,13 +9,19 @@ unknown group or identity are dropped first; an identity is a (person, group) pa
   over ALL reference samples of other identities (any group), computed exactly by numpy matrix
   products in row blocks (O(N^2 d) time, O(block N) memory: a reference of LFW's size takes a second);
 - ``n_t``: the images-per-identity table (count -> number of people, single-image people included);
-- ``r``: the mean over group pairs of ``cos(m_t, m_t')``, m_t the mean embedding of group t.
+- ``r``: the mean over group pairs of ``cos(m_t, m_t')``, m_t the mean embedding of group t;
+- ``P``: the participation ratio ``(tr C)^2 / tr(C^2)`` of the covariance C of the identity means
+  (identities with >= 2 images, each group's mean of them subtracted): how many directions the
+  identities really spread over (LFW's dlib descriptors: far fewer than 128). Scale-free, so it
+  does not depend on the crowding; it sets how fast near impostors thin out (reported: the medians
+  ``M^(j)`` of the j-th nearest different-identity similarity, j = 1, 2, 5, 10).
 
 The generative model (the one :mod:`dist_fair.data.synthetic` draws from; ``d`` = dimension):
 
 - group mean directions ``mu_t = sqrt(r) e_0 + sqrt(1 - r) e_{1+t}``, e orthonormal, so
   ``mu_t . mu_t' = r``;
-- identity c of group t: ``centre_c = normalise(kappa_t mu_t + u_c)``, u_c uniform on the sphere;
+- identity c of group t: ``centre_c = normalise(kappa_t mu_t + u_c)``, u_c uniform on the unit
+  sphere of a random m-dimensional subspace (``identity_dim`` m <= d);
   ``kappa_t`` (crowding) sets how close the group's identities sit: centre cosines are about
   ``kappa^2 / (1 + kappa^2)`` give or take ``1 / ((1 + kappa^2) sqrt(d))``;
 - image i: ``x_i = normalise(centre_c + s_i g_i / sqrt(d))``, g_i ~ N(0, I_d),
@@ -32,18 +38,23 @@ deterministic):
    g_b / sqrt(d))`` and minimise ``sum_p (Q_p(sim) - Q_p(S_t))^2`` over the percentiles
    p = 5, 10, ..., 95 by Nelder-Mead in ``(log spread, log dispersion)`` (median <-> spread,
    width <-> dispersion), started at ``spread = sqrt(1 / median - 1)``.
-2. ``kappa_t`` and ``r`` from ``M_t`` and the group-mean cosine, given step 1: a *replica* of the
-   reference - the same groups and the same images per identity, drawn from the model at
-   dimension d - is simulated, and every ``kappa_t`` (in log space, [0.02, 50]) and r ([0, 0.999])
-   is bisected at once on the sign of ``mean_p (Q_p(M_t^replica) - Q_p(M_t))`` and of
-   ``r^replica - r^reference``. Nearest-impostor similarity rises with kappa_t (monotone) and the
-   group-mean cosine with r; the coupling between groups (a group's nearest impostor from another
-   group) is weak, and the joint bisection converges to a common fixed point.
+2. ``kappa_t``, ``r`` and ``m`` from ``M_t``, the group-mean cosine and P, given step 1: a
+   *replica* of the reference - the same groups and the same images per identity, drawn from the
+   model at dimension d - is simulated, and every ``kappa_t`` (in log space, [0.02, 50]), r
+   ([0, 0.999]) and log m ([log 2, log d], m rounded) is bisected at once on the sign of
+   ``mean_p (Q_p(M_t^replica) - Q_p(M_t))``, of ``r^replica - r^reference`` and of
+   ``P^replica - P^reference``. Nearest-impostor similarity rises with kappa_t (impostor
+   similarities sit around ``kappa^2 / (1 + kappa^2)`` and fluctuate like
+   ``1 / ((1 + kappa^2) sqrt(m))``, so m moves them too), the group-mean cosine with r, and P with m
+   (P is scale-free: kappa barely moves it); the joint bisection converges to a common fixed point.
+   A second round repeats the bisection in brackets narrowed around the first round's answer
+   (kappa x/ 1.5, r +- 0.05, m x/ 3), so that no coordinate keeps a decision taken while the
+   others were still far off.
 
 Because ``M_t`` grows with the number of impostors, kappa is an intrinsic parameter only through
 the replica: generating at another size keeps kappa and lets the nearest-impostor similarity move
-as it would for more (or fewer) people. All fitted values depend on d (the fluctuations of the
-impostor similarities shrink like 1 / sqrt(d)), so a preset stores one fit per dimension.
+as it would for more (or fewer) people. The fitted values depend on d (image noise and the
+impostor fluctuations scale with it), so a preset stores one fit per dimension.
 """
 from __future__ import annotations
 
@@ -54,7 +65,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
-from dist_fair.data.synthetic import identity_images, world_means
+from dist_fair.data.synthetic import identity_basis, identity_images, world_means
 from dist_fair.errors import DataError
 
 LOG = logging.getLogger(__name__)
@@ -65,6 +76,8 @@ FIT_PERCENTILES = tuple(range(5, 96, 5))
 REPORT_QUANTILES = (5, 25, 50, 75, 95)
 KAPPA_RANGE = (0.02, 50.0)
 COSINE_RANGE = (0.0, 0.999)
+#: Rounds of the joint bisection (the second one in brackets narrowed around the first's answer).
+ROUNDS = 2
 
 
 # --------------------------------------------------------------------------- statistics
@@ -83,16 +96,46 @@ def same_identity_similarities(emb: np.ndarray, identity: np.ndarray) -> np.ndar
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def nearest_impostor_similarities(emb: np.ndarray, identity: np.ndarray, block: int = 2048) -> np.ndarray:
-    """Per sample, ``max_{j: id_j != id_i} x_i . x_j`` (``-inf`` when every sample shares its identity);
-    exact up to float32 rounding, O(block N) memory."""
+def nearest_impostors(emb: np.ndarray, identity: np.ndarray, k: int = 1, block: int = 2048) -> np.ndarray:
+    """Per sample, its ``k`` largest different-identity similarities in decreasing order (``-inf``
+    where there are fewer); exact up to float32 rounding, O(block N) memory."""
     x = np.ascontiguousarray(emb, np.float32)
-    out = np.empty(x.shape[0], np.float64)
+    k = min(k, x.shape[0])
+    out = np.empty((x.shape[0], k), np.float64)
     for start in range(0, x.shape[0], block):
         sims = x[start:start + block] @ x.T
         sims[identity[start:start + block, None] == identity[None, :]] = -np.inf
-        out[start:start + block] = sims.max(axis=1)
+        if k == 1:
+            out[start:start + block, 0] = sims.max(axis=1)
+        else:
+            top = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:]
+            out[start:start + block] = -np.sort(-top, axis=1)
     return out
+
+
+def nearest_impostor_similarities(emb: np.ndarray, identity: np.ndarray, block: int = 2048) -> np.ndarray:
+    """Per sample, ``max_{j: id_j != id_i} x_i . x_j`` (``-inf`` when every sample shares its identity)."""
+    return nearest_impostors(emb, identity, 1, block)[:, 0]
+
+
+#: The impostor ranks j whose medians of M^(j) are reported.
+IMPOSTOR_RANKS = (1, 2, 5, 10)
+
+
+def identity_participation_ratio(emb: np.ndarray, identity: np.ndarray, groups: np.ndarray) -> float:
+    """``P = (tr C)^2 / tr(C^2)``, C the covariance of the means of identities with >= 2 images, each
+    group's mean of those means subtracted (scale-free: an isotropic spread over m directions gives m)."""
+    ids, inverse, counts = np.unique(identity, return_inverse=True, return_counts=True)
+    sums = np.zeros((ids.size, emb.shape[1]))
+    np.add.at(sums, inverse, np.asarray(emb, np.float64))
+    group_of = np.zeros(ids.size, np.int64)
+    group_of[inverse] = groups
+    keep = counts >= 2
+    means, group_of = sums[keep] / counts[keep, None], group_of[keep]
+    for t in np.unique(group_of):
+        means[group_of == t] -= means[group_of == t].mean(axis=0)
+    cov = means.T @ means
+    return float(np.trace(cov) ** 2 / np.square(cov).sum())
 
 
 def mean_group_cosine(emb: np.ndarray, groups: np.ndarray, num_groups: int) -> float | None:
@@ -123,6 +166,8 @@ class Reference:
     same: list[np.ndarray] = field(default_factory=list)      # per group, S_t
     impostor: list[np.ndarray] = field(default_factory=list)  # per group, M_t
     group_cosine: float | None = None
+    impostor_ranks: list[float] = field(default_factory=list)  # medians of M^(j), j in IMPOSTOR_RANKS
+    participation: float = 0.0
     dropped_rows: int = 0
 
     @property
@@ -157,7 +202,10 @@ def prepare_reference(emb: np.ndarray, identity: np.ndarray, groups: np.ndarray,
     _, codes = np.unique(pairs, return_inverse=True)
     ref = Reference(names=list(names), emb=x, identity=codes.astype(np.int64), groups=groups[keep],
                     dropped_rows=int((~keep).sum()))
-    impostor = nearest_impostor_similarities(ref.emb, ref.identity)
+    top = nearest_impostors(ref.emb, ref.identity, IMPOSTOR_RANKS[-1])
+    impostor = top[:, 0]
+    ref.impostor_ranks = _rank_medians(top)
+    ref.participation = identity_participation_ratio(ref.emb, ref.identity, ref.groups)
     for t, name in enumerate(ref.names):
         rows = ref.groups == t
         n_ids = np.unique(ref.identity[rows]).size
@@ -173,6 +221,10 @@ def prepare_reference(emb: np.ndarray, identity: np.ndarray, groups: np.ndarray,
     LOG.info("reference: %d samples, %d identities, groups %s (%d rows of unknown group/identity dropped)",
              ref.emb.shape[0], np.unique(ref.identity).size, ref.names, ref.dropped_rows)
     return ref
+
+
+def _rank_medians(top: np.ndarray) -> list[float]:
+    return [round(float(np.median(top[:, j - 1])), 4) for j in IMPOSTOR_RANKS]
 
 
 # --------------------------------------------------------------------------- simulation
@@ -194,13 +246,14 @@ def same_pair_draws(dim: int, pairs: int, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def replica(group_of: np.ndarray, counts: np.ndarray, crowding: Sequence[float], spread: Sequence[float],
-            dispersion: Sequence[float], group_cosine: float, dim: int, seed: int = 0
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            dispersion: Sequence[float], group_cosine: float, dim: int, seed: int = 0,
+            identity_dim: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Embeddings, identity and group of a model draw with the given per-identity plan (the same
     per-identity random streams as the generator: ``(seed, 13, identity)``)."""
     means = world_means(seed, dim, len(crowding), group_cosine)
+    basis = identity_basis(seed, dim, identity_dim)
     embs = [identity_images(np.random.default_rng([seed, 13, j]), means[t], crowding[t], spread[t], dispersion[t],
-                            int(n)) for j, (t, n) in enumerate(zip(group_of.tolist(), counts.tolist()))]
+                            int(n), basis) for j, (t, n) in enumerate(zip(group_of.tolist(), counts.tolist()))]
     identity = np.repeat(np.arange(counts.size), counts)
     return np.concatenate(embs), identity, np.repeat(group_of, counts)
 
@@ -253,6 +306,11 @@ class DimFit:
     group_cosine_real: float | None
     group_cosine_fit: float | None
     groups: list[GroupFit]
+    identity_dim: int | None = None
+    participation_real: float = 0.0
+    participation_fit: float = 0.0
+    impostor_ranks_real: list[float] = field(default_factory=list)
+    impostor_ranks_fit: list[float] = field(default_factory=list)
 
     def by_name(self) -> dict[str, GroupFit]:
         return {g.name: g for g in self.groups}
@@ -262,8 +320,10 @@ def _quantiles(values: np.ndarray, percentiles: Sequence[int] = REPORT_QUANTILES
     return [round(float(v), 4) for v in np.percentile(values, percentiles)]
 
 
-def fit_dimension(ref: Reference, dim: int, seed: int = 0, pairs: int = 20000, iterations: int = 14) -> DimFit:
-    """Steps 1 and 2 of the module docstring at dimension ``dim``."""
+def fit_dimension(ref: Reference, dim: int, seed: int = 0, pairs: int = 20000, iterations: int = 12,
+                  fit_identity_dim: bool = True) -> DimFit:
+    """Steps 1 and 2 of the module docstring at dimension ``dim`` (``fit_identity_dim=False``: m = d,
+    identity directions uniform on the whole sphere)."""
     group_of, counts = ref.plan()
     spreads, dispersions = [], []
     for t, name in enumerate(ref.names):
@@ -277,24 +337,47 @@ def fit_dimension(ref: Reference, dim: int, seed: int = 0, pairs: int = 20000, i
     hi = np.full(ref.num_groups, np.log(KAPPA_RANGE[1]))
     r_lo, r_hi = COSINE_RANGE
     fit_cosine = ref.group_cosine is not None
-    for step in range(iterations):
-        kappa = np.exp((lo + hi) / 2)
-        r = (r_lo + r_hi) / 2 if fit_cosine else 0.0
-        emb, identity, groups = replica(group_of, counts, kappa, spreads, dispersions, r, dim, seed)
-        impostor = nearest_impostor_similarities(emb, identity)
-        for t in range(ref.num_groups):
-            above = np.mean(np.percentile(impostor[groups == t], FIT_PERCENTILES) - goals[t]) > 0
-            hi[t], lo[t] = (np.log(kappa[t]), lo[t]) if above else (hi[t], np.log(kappa[t]))
-        if fit_cosine:
-            if mean_group_cosine(emb, groups, ref.num_groups) > ref.group_cosine:
-                r_hi = r
-            else:
-                r_lo = r
-        LOG.debug("dim %d bisection %d: crowding %s, r %.4f", dim, step, np.round(kappa, 4), r)
+    m_lo, m_hi = np.log(2.0), np.log(float(dim))
+
+    def identity_dim_of(lo_: float, hi_: float) -> int | None:
+        if not fit_identity_dim:
+            return None
+        return int(np.clip(round(float(np.exp((lo_ + hi_) / 2))), 2, dim))
+
+    for round_ in range(ROUNDS):
+        if round_:  # narrow every bracket around the first round's answer, so that each coordinate's
+            # decisions are taken with the others already near their values
+            mid_k, mid_r, mid_m = (lo + hi) / 2, (r_lo + r_hi) / 2, (m_lo + m_hi) / 2
+            lo, hi = mid_k - np.log(1.5), mid_k + np.log(1.5)
+            r_lo, r_hi = max(COSINE_RANGE[0], mid_r - 0.05), min(COSINE_RANGE[1], mid_r + 0.05)
+            m_lo, m_hi = max(np.log(2.0), mid_m - np.log(3.0)), min(np.log(float(dim)), mid_m + np.log(3.0))
+        for step in range(iterations):
+            kappa = np.exp((lo + hi) / 2)
+            r = (r_lo + r_hi) / 2 if fit_cosine else 0.0
+            m = identity_dim_of(m_lo, m_hi)
+            emb, identity, groups = replica(group_of, counts, kappa, spreads, dispersions, r, dim, seed, m)
+            top = nearest_impostors(emb, identity, IMPOSTOR_RANKS[-1])
+            impostor = top[:, 0]
+            if fit_identity_dim:
+                if identity_participation_ratio(emb, identity, groups) < ref.participation:
+                    m_lo = np.log(m)
+                else:
+                    m_hi = np.log(m)
+            for t in range(ref.num_groups):
+                above = np.mean(np.percentile(impostor[groups == t], FIT_PERCENTILES) - goals[t]) > 0
+                hi[t], lo[t] = (np.log(kappa[t]), lo[t]) if above else (hi[t], np.log(kappa[t]))
+            if fit_cosine:
+                if mean_group_cosine(emb, groups, ref.num_groups) > ref.group_cosine:
+                    r_hi = r
+                else:
+                    r_lo = r
+            LOG.debug("dim %d bisection %d: crowding %s, r %.4f, identity_dim %s", dim, step, np.round(kappa, 4), r, m)
     kappa = np.exp((lo + hi) / 2)
     r = (r_lo + r_hi) / 2 if fit_cosine else 0.0
-    emb, identity, groups = replica(group_of, counts, kappa, spreads, dispersions, r, dim, seed)
-    impostor = nearest_impostor_similarities(emb, identity)
+    m = identity_dim_of(m_lo, m_hi)
+    emb, identity, groups = replica(group_of, counts, kappa, spreads, dispersions, r, dim, seed, m)
+    top = nearest_impostors(emb, identity, IMPOSTOR_RANKS[-1])
+    impostor = top[:, 0]
     fits = []
     for t, name in enumerate(ref.names):
         rows = groups == t
@@ -307,17 +390,22 @@ def fit_dimension(ref: Reference, dim: int, seed: int = 0, pairs: int = 20000, i
             images=images_table(ref.identity[real_rows]), same_real=_quantiles(ref.same[t]), same_fit=_quantiles(same),
             impostor_real=_quantiles(ref.impostor[t]), impostor_fit=_quantiles(impostor[rows])))
         LOG.info("dim %d group %s: crowding %.4f; max quantile error %.4f", dim, name, kappa[t], fits[-1].max_error())
+    participation = identity_participation_ratio(emb, identity, groups)
+    LOG.info("dim %d: identity_dim %s (participation ratio %.2f, reference %.2f), impostor-rank medians %s "
+             "(reference %s)", dim, m, participation, ref.participation, _rank_medians(top), ref.impostor_ranks)
     return DimFit(dim=dim, group_cosine=round(float(r), 5), group_cosine_real=ref.group_cosine,
-                  group_cosine_fit=mean_group_cosine(emb, groups, ref.num_groups), groups=fits)
+                  group_cosine_fit=mean_group_cosine(emb, groups, ref.num_groups), groups=fits, identity_dim=m,
+                  participation_real=round(ref.participation, 3), participation_fit=round(participation, 3),
+                  impostor_ranks_real=list(ref.impostor_ranks), impostor_ranks_fit=_rank_medians(top))
 
 
 def calibrate(emb: np.ndarray, identity: np.ndarray, groups: np.ndarray, names: Sequence[str],
               dims: Sequence[int] | None = None, seed: int = 0, pairs: int = 20000,
-              iterations: int = 14) -> dict[int, DimFit]:
+              iterations: int = 12, fit_identity_dim: bool = True) -> dict[int, DimFit]:
     """The fit at every dimension of ``dims`` (default: the reference's own dimension)."""
     ref = prepare_reference(emb, identity, groups, names)
     dims = list(dims or [ref.emb.shape[1]])
-    return {int(d): fit_dimension(ref, int(d), seed, pairs, iterations) for d in dims}
+    return {int(d): fit_dimension(ref, int(d), seed, pairs, iterations, fit_identity_dim) for d in dims}
 
 
 # --------------------------------------------------------------------------- presets
@@ -346,6 +434,7 @@ def preset_from_fits(fits: dict[int, DimFit], name: str, attribute: str, referen
             "spread": {g.name: g.spread for g in fit.groups},
             "dispersion": {g.name: g.dispersion for g in fit.groups},
             "group_cosine": fit.group_cosine,
+            "identity_dim": fit.identity_dim,
         }
     shares = identity_shares(first)
     if attribute == "gender":
@@ -364,6 +453,10 @@ def calibration_report(fits: dict[int, DimFit], attribute: str, reference: str) 
         "fits": {int(dim): {
             "group_cosine_real": None if fit.group_cosine_real is None else round(fit.group_cosine_real, 5),
             "group_cosine_fit": None if fit.group_cosine_fit is None else round(fit.group_cosine_fit, 5),
+            "identity_dim": fit.identity_dim, "participation_ratio_real": fit.participation_real,
+            "participation_ratio_fit": fit.participation_fit, "impostor_ranks": list(IMPOSTOR_RANKS),
+            "impostor_rank_medians_real": fit.impostor_ranks_real,
+            "impostor_rank_medians_fit": fit.impostor_ranks_fit,
             "groups": {g.name: {"identities": g.identities, "samples": g.samples, "same_pairs": g.same_pairs,
                                 "same_identity_real": g.same_real, "same_identity_fit": g.same_fit,
                                 "nearest_impostor_real": g.impostor_real, "nearest_impostor_fit": g.impostor_fit,
@@ -381,11 +474,13 @@ def preset_yaml(preset: dict[str, Any], comments: dict[str, Sequence[str]] | Non
     for key, value in preset.items():
         for line in (comments or {}).get(key, ()):
             lines.append(f"# {line}".rstrip())
-        lines.append(yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=None, width=110).rstrip())
+        flow = None if isinstance(value, (dict, list)) else False
+        lines.append(yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=flow, width=110).rstrip())
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["FIT_PERCENTILES", "REPORT_QUANTILES", "same_identity_similarities", "nearest_impostor_similarities",
+__all__ = ["FIT_PERCENTILES", "REPORT_QUANTILES", "IMPOSTOR_RANKS", "same_identity_similarities",
+           "nearest_impostors", "nearest_impostor_similarities", "identity_participation_ratio",
            "mean_group_cosine", "images_table", "Reference", "prepare_reference", "simulate_same_pairs", "replica",
            "fit_spread", "GroupFit", "DimFit", "fit_dimension", "calibrate", "preset_from_fits",
            "calibration_report", "preset_yaml"]

@@ -84,8 +84,8 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
                            help="map the shards' group names onto the generator's, e.g. eastasian=Asian,"
                                 "asianindian=Indian (unmatched groups are left out of the fit)")
     calibrate.add_argument("--fit-dims", default=None,
-                           help="comma-separated generator dimensions to fit (default: the shards' dimension)")
-    calibrate.add_argument("--preset-name", default=None, help="name stored in the preset (default: the file stem)")
+                           help="comma-separated generator dimensions to fit (none: the shards' own dimension)")
+    calibrate.add_argument("--preset-name", default=None, help="name stored in the preset (none: the file stem)")
 
 
 def run_synth(args: argparse.Namespace):

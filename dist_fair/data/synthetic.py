@@ -20,6 +20,10 @@ Calibrated presets (``realistic``, or any YAML file written by ``dist-fair shard
 - ``group_cosine = r``: the cells' mean directions are ``mu_t = sqrt(r) e_0 + sqrt(1 - r) e_{1+t}``
   with ``e_0, e_1, ...`` orthonormal (one shared "face" direction; ``cos(mu_t, mu_t') = r`` exactly),
   instead of one independent random direction per race;
+- ``identity_dim = m``: identity directions u_c lie in a seeded random m-dimensional subspace
+  (``u_c = normalise(w B)``, w ~ N(0, I_m), B an orthonormal m x d basis) while image noise stays
+  d-dimensional: real face embeddings spread identities over fewer directions than d (LFW's dlib
+  descriptors: participation ratio about 32 of 128), which makes near impostors rarer but closer;
 - ``dispersion[t] = sigma``: image i's noise scale is ``spread[t] * exp(sigma * z_i)``, z_i ~ N(0, 1)
   (some images are sharper than others);
 - ``gender_mix``: exact gender shares per identity (instead of a fair coin);
@@ -84,6 +88,7 @@ class SyntheticSpec:
     spread: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SPREAD))
     dispersion: dict[str, float] = field(default_factory=dict)
     group_cosine: float | None = None
+    identity_dim: int | None = None
     gender_mix: dict[str, float] | None = None
     images_table: dict[str, dict[str, list[int]]] | None = None
 
@@ -119,6 +124,8 @@ class SyntheticSpec:
         if self.group_cosine is not None and self.dim < len(RACES) * len(GENDERS) + 1:
             raise DataError(f"dim {self.dim} is too small for group_cosine: it needs {len(RACES) * len(GENDERS) + 1} "
                             "orthonormal directions")
+        if self.identity_dim is not None and not 1 <= self.identity_dim <= self.dim:
+            raise DataError(f"identity_dim {self.identity_dim} must lie in [1, dim = {self.dim}]")
         if self.gender_mix is not None:
             if set(self.gender_mix) - set(GENDERS) or any(v < 0 for v in self.gender_mix.values()) \
                     or abs(sum(self.gender_mix.values()) - 1) > 1e-6:
@@ -241,12 +248,25 @@ def spec_means(spec: SyntheticSpec) -> np.ndarray:
     return world_means(spec.seed, spec.dim, len(RACES) * len(GENDERS), spec.group_cosine)
 
 
+def identity_basis(seed: int, dim: int, identity_dim: int | None) -> np.ndarray | None:
+    """Orthonormal ``identity_dim x dim`` basis of the identity directions (None: all of R^d)."""
+    if identity_dim is None:
+        return None
+    rng = np.random.default_rng([seed, 19, identity_dim])
+    basis, _ = np.linalg.qr(rng.standard_normal((dim, identity_dim)))
+    return basis.T
+
+
 def identity_images(rng: np.random.Generator, mean: np.ndarray, crowding: float, spread: float, dispersion: float,
-                    count: int) -> np.ndarray:
+                    count: int, basis: np.ndarray | None = None) -> np.ndarray:
     """``count`` images of one identity: centre ``normalise(crowding * mean + u)`` with u uniform on
-    the sphere, image ``normalise(centre + spread * exp(dispersion * z) * g / sqrt(d))``."""
+    the sphere (or on the unit sphere of the span of ``basis``), image
+    ``normalise(centre + spread * exp(dispersion * z) * g / sqrt(d))``."""
     dim = mean.shape[0]
-    direction = _normalise(rng.standard_normal(dim))
+    if basis is None:
+        direction = _normalise(rng.standard_normal(dim))
+    else:
+        direction = _normalise(rng.standard_normal(basis.shape[0]) @ basis)
     centre = _normalise(crowding * mean + direction)
     noise = rng.standard_normal((count, dim)) * (spread / np.sqrt(dim))
     if dispersion > 0:
@@ -259,12 +279,12 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 def identity_embeddings(spec: SyntheticSpec, identity: int, group: int, count: int, mu: np.ndarray,
-                        gender: int = 0) -> np.ndarray:
+                        gender: int = 0, basis: np.ndarray | None = None) -> np.ndarray:
     """The ``count`` image embeddings of one identity (its own random stream)."""
     rng = np.random.default_rng([spec.seed, 13, spec.identity_offset + identity])
     crowding, spread, dispersion = cell_parameters(spec, group, gender)
     mean = mu[group] if spec.group_cosine is None else mu[group * len(GENDERS) + gender]
-    return identity_images(rng, mean, crowding, spread, dispersion, count)
+    return identity_images(rng, mean, crowding, spread, dispersion, count, basis)
 
 
 @dataclass
@@ -278,11 +298,12 @@ class SyntheticProducer:
         groups, genders, images = identity_plan(self.spec)
         first_ident, stop_ident = plan.payload
         mu = spec_means(self.spec)
+        basis = identity_basis(self.spec.seed, self.spec.dim, self.spec.identity_dim)
         chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # emb, identity, race, gender
         pending, next_id = 0, plan.first_id
         for ident in range(first_ident, stop_ident):
             count, group = int(images[ident]), int(groups[ident])
-            chunks.append((identity_embeddings(self.spec, ident, group, count, mu, int(genders[ident])),
+            chunks.append((identity_embeddings(self.spec, ident, group, count, mu, int(genders[ident]), basis),
                            np.full(count, self.spec.identity_offset + ident, np.int64),
                            np.full(count, group, np.int16), np.full(count, genders[ident], np.int16)))
             pending += count
@@ -368,7 +389,8 @@ def spec_from_preset(preset: str = "balanced", *, identities: int = 1000, images
                          identity_offset=identity_offset, mix=dict(mix or data.get("mix") or PRESETS["balanced"]),
                          crowding=_override(fit["crowding"], crowding), spread=_override(fit["spread"], spread),
                          dispersion=_override(fit.get("dispersion", {}), dispersion),
-                         group_cosine=fit.get("group_cosine"), gender_mix=data.get("gender_mix"), images_table=table)
+                         group_cosine=fit.get("group_cosine"), identity_dim=fit.get("identity_dim"),
+                         gender_mix=data.get("gender_mix"), images_table=table)
 
 
 def generate_synthetic_shards(out_dir: str | Path, preset: str = "balanced", identities: int = 1000,
@@ -399,7 +421,8 @@ def synthetic_arrays(spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.nd
     to what the shards hold (up to the shard dtype)."""
     groups, genders, images = identity_plan(spec)
     mu = spec_means(spec)
-    embs = [identity_embeddings(spec, i, int(groups[i]), int(images[i]), mu, int(genders[i]))
+    basis = identity_basis(spec.seed, spec.dim, spec.identity_dim)
+    embs = [identity_embeddings(spec, i, int(groups[i]), int(images[i]), mu, int(genders[i]), basis)
             for i in range(spec.identities)]
     ident = np.repeat(np.arange(spec.identities, dtype=np.int64) + spec.identity_offset, images)
     return np.concatenate(embs), ident, np.repeat(groups, images), np.repeat(genders, images)

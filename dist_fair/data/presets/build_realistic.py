@@ -93,6 +93,7 @@ def build_preset(lfw_dir: str | Path, dims: Sequence[int] = (128, 512), race_see
             "spread": {g: by[g].spread for g in GENDERS},
             "dispersion": {g: by[g].dispersion for g in GENDERS},
             "group_cosine": fit.group_cosine,
+            "identity_dim": fit.identity_dim,
         }
     first = gender_fits[min(gender_fits)].by_name()
     total = sum(first[g].identities for g in GENDERS)
@@ -124,7 +125,8 @@ def comments(gender_fits: dict[int, DimFit], race_detail: dict[str, Any], factor
             f"{first['female'].samples} / {first['male'].samples} images; the 8 images in both lists or",
             "  neither left out) by matching the 5..95 % percentiles of the nearest different-identity similarity",
             "  on a replica of LFW (same people, same images per person). These are the Caucasian cells: LFW is",
-            f"  mostly Caucasian ({cauc['people']} of the race-labelled subset's people used below are caucasian).",
+            f"  mostly Caucasian ({cauc['people']} of the {sum(d['people'] for d in race_detail.values())} people "
+            "of the race subset used below).",
             "  The other races: crowding_gender * factor_race, with factor_race MEASURED for African and Asian as",
             "  the crowding fitted on the race-labelled LFW subset (lfw_race_dict.json, people with exactly one of",
             "  african / eastasian / caucasian / asianindian; mean over 3 replica seeds) over Caucasian's:",
@@ -148,6 +150,10 @@ def comments(gender_fits: dict[int, DimFit], race_detail: dict[str, Any], factor
             f"({gender_fits[min(gender_fits)].group_cosine_real:.4f}), reproduced",
             "  on the replica; applied to every pair of (race, gender) cells (assumed: the LFW race subset's",
             "  race-mean cosines are 0.92-0.97).",
+            "identity_dim - FITTED: identities spread over a random subspace of this many directions, matched to",
+            "  the participation ratio of LFW's identity means (people with >= 2 images, gender means removed): "
+            + ", ".join(f"d = {d}: m = {f.identity_dim} (ratio {f.participation_real:.1f} on LFW, "
+                        f"{f.participation_fit:.1f} on the replica)" for d, f in sorted(gender_fits.items())) + ".",
         ],
         "mix": ["Race mix: balanced like BUPT-BalancedFace (25 % each; ASSUMED, not LFW's). --mix overrides."],
         "gender_mix": ["Gender shares of identities: LFW's (FITTED: people per gender over all gender-known people)."],
