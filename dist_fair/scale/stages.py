@@ -9,8 +9,9 @@ file exists. What each stage runs (``W`` = the cell's workers):
   rewritten by :func:`dist_fair.data.shards.write_embedding_shards` (``W`` writers);
 - ``knn``: :func:`dist_fair.knn.build_knn_graph` (``W`` index actors);
 - ``sequences``: :func:`dist_fair.models.sequences.prepare_sequence_inputs` (single process);
-- ``train``: ONE epoch of the Intraformer through :func:`dist_fair.train.engine.fit` (Ray Train +
-  DeepSpeed ZeRO-1, ``W`` workers), the task from
+- ``train``: ONE epoch over the training split (``val_fraction`` of the identities validate,
+  ``train_fraction`` of the rest train, as in the job) of the Intraformer through
+  :func:`dist_fair.train.engine.fit` (Ray Train + DeepSpeed ZeRO-1, ``W`` workers), the task from
   :func:`dist_fair.models.intraformer_task.task_from_folders`;
 - ``infer``: edge probabilities of every anchor, :func:`dist_fair.models.edge_inference.predict_edge_probs`
   (``W`` Ray tasks at once);
@@ -68,6 +69,8 @@ class ScaleSettings:
     index: str = "ivfpq_fs"
     recall_sample: int = 200
     seq_len: int = 20
+    val_fraction: float = 0.2
+    train_fraction: float = 0.5
     width: int = 32
     layers: int = 1
     batch_size: int = 128
@@ -176,8 +179,8 @@ def _job(cell: Cell) -> Any:
     s = cell.settings
     train = TrainConfig(model="intraformer", deepspeed=s.deepspeed, workers=cell.workers, cpus_per_worker=1,
                         placement="PACK", epochs=1, batch_size=s.batch_size, seq_len=s.seq_len, width=s.width,
-                        layers=s.layers, seed=s.seed, group_attribute=s.group_attribute, train_fraction=1.0,
-                        eval_anchors=0, log_every=50, max_failures=1)
+                        layers=s.layers, seed=s.seed, group_attribute=s.group_attribute,
+                        train_fraction=s.train_fraction, eval_anchors=0, log_every=50, max_failures=1)
     return JobConfig(knn=KNNConfig(k=s.k, index=s.index), train=train)
 
 
@@ -186,9 +189,9 @@ def run_sequences(cell: Cell) -> dict[str, Any]:
 
     s = cell.settings
     info = prepare_sequence_inputs(cell.path("shards"), cell.path("knn"), cell.path("sequences"), s.seq_len,
-                                   val_fraction=0.0, train_fraction=1.0, seed=s.seed,
+                                   val_fraction=s.val_fraction, train_fraction=s.train_fraction, seed=s.seed,
                                    group_attribute=s.group_attribute)
-    return {"samples": int(info["samples"])}
+    return {"samples": int(info["samples"]), "split_samples": info.get("split_samples")}
 
 
 def run_train(cell: Cell) -> dict[str, Any]:
@@ -200,6 +203,10 @@ def run_train(cell: Cell) -> dict[str, Any]:
     result = fit(task, job.train, cell.path("train"), progress=False, force=True)
     write_spec(task, result.train_dir)
     epochs = result.events("epoch")
+    if epochs and epochs[-1].get("epoch_s") is not None:
+        cell.parts["epoch_s"] = round(float(epochs[-1]["epoch_s"]), 4)  # the engine's own epoch time
+        if epochs[-1].get("cpu_s") is not None:
+            cell.parts["epoch_cpu_s"] = round(float(epochs[-1]["cpu_s"]), 3)  # all workers' processes
     return {"samples": int(task.num_samples), "train_dir": str(result.train_dir),
             "samples_per_s": epochs[-1].get("samples_per_s") if epochs else None,
             "loss": epochs[-1].get("loss") if epochs else None}
