@@ -199,9 +199,14 @@ def test_every_deep_model_runs_through_dist_fair_run(model, tmp_path, ray_by_val
     assert report["num_samples"] == len(labels)  # deep clustering: every sample
     for method in (net, fair):
         assert 0 <= method["identity"]["accuracy"] <= 1 and 0 <= method["identity"]["nmi"] <= 1
-    gender_counts = np.bincount(labels.attrs["gender"])
-    best = gender_counts.min() / gender_counts.max()
-    assert fair["attributes"]["gender"]["balance"] > best - 0.1
+    # fair.eps = 0: every cluster holds each gender in the population proportion, rounded (METHODS.md §6)
+    gender = labels.attrs["gender"].astype(np.int64)
+    rho = np.bincount(gender) / len(gender)
+    fair_labels = np.load(run_dir / "fair_assign" / "labels.npy")
+    for cluster in np.unique(fair_labels):
+        counts = np.bincount(gender[fair_labels == cluster], minlength=len(rho))
+        size = counts.sum()
+        assert (counts >= np.floor(size * rho) - 1e-9).all() and (counts <= np.ceil(size * rho) + 1e-9).all()
     assert fair["attributes"]["gender"]["balance"] >= net["attributes"]["gender"]["balance"]
     assert fair["attributes"]["gender"]["fwd"] <= net["attributes"]["gender"]["fwd"] + 1e-9
     fair_info = json.loads((run_dir / "fair_assign" / "stage.json").read_text())["info"]
