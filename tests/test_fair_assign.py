@@ -144,6 +144,61 @@ def test_sparse_candidates_input_and_float32():
         reference_objective(cands, groups, fair), rel=1e-6)
 
 
+def brute_force_balance_fairness(counts: np.ndarray, rho: np.ndarray) -> tuple[float, float]:
+    """Eq 6.2 / 6.3 (METHODS.md §7) by loops over a (T, K) group x cluster count matrix."""
+    n_groups, n_clusters = counts.shape
+    best_balance, best_fairness = np.inf, np.inf
+    for k in range(n_clusters):
+        size = sum(int(counts[t, k]) for t in range(n_groups))
+        if size == 0:
+            continue
+        members = [int(counts[t, k]) for t in range(n_groups)]
+        best_balance = min(best_balance, min(members) / max(members))
+        for t in range(n_groups):
+            share = members[t] / size
+            best_fairness = min(best_fairness, 0.0 if share == 0 else min(rho[t] / share, share / rho[t]))
+    return best_balance, best_fairness
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_balance_and_fairness_of_counts_equal_brute_force(seed):
+    """The report's balance/fairness (one implementation, dist_fair.eval.metrics, called from
+    fair.assign on count matrices) against loops, and against the label-based metrics."""
+    from dist_fair.fair.assign import balance_and_fairness
+
+    rng = np.random.default_rng(seed)
+    n_groups, n_clusters = int(rng.integers(2, 5)), int(rng.integers(1, 7))
+    counts = rng.integers(0, 6, (n_groups, n_clusters)) * (rng.random((n_groups, n_clusters)) < 0.8)
+    if n_clusters > 1:
+        counts[:, rng.integers(0, n_clusters)] = 0  # an empty cluster counts nowhere
+    if seed % 2:
+        counts[:, -1] = 3  # a perfectly balanced cluster
+    counts[:, 0] += 1  # every group non-empty
+    rho = rng.random(n_groups) + 0.1
+    rho /= rho.sum()
+    got = balance_and_fairness(counts, rho)
+    assert got == pytest.approx(brute_force_balance_fairness(counts, rho), rel=1e-12)
+    population = counts.sum(axis=1) / counts.sum()
+    labels = np.concatenate([np.full(int(counts[t, k]), k) for t in range(n_groups) for k in range(n_clusters)])
+    groups = np.concatenate([np.full(int(counts[t, k]), t) for t in range(n_groups) for k in range(n_clusters)])
+    assert got[0] == pytest.approx(balance(labels, groups), rel=1e-12)
+    assert balance_and_fairness(counts, population)[1] == pytest.approx(fairness(labels, groups), rel=1e-12)
+    assert got[1] == pytest.approx(fairness(labels, groups, rho), rel=1e-12)
+
+
+def test_count_matrix_table_refuses_bad_counts():
+    from dist_fair.eval.metrics import cluster_group_table_from_counts
+
+    with pytest.raises(DataError, match="hold no sample"):
+        cluster_group_table_from_counts(np.array([[1, 0], [2, 0]]))  # group 1 has no sample
+    with pytest.raises(DataError, match="no sample"):
+        cluster_group_table_from_counts(np.zeros((3, 2), dtype=np.int64))
+    with pytest.raises(DataError, match=">= 0"):
+        cluster_group_table_from_counts(np.array([[1, -1], [2, 3]]))
+    with pytest.raises(DataError, match="2-D integer"):
+        cluster_group_table_from_counts(np.array([0.5, 1.0]))
+
+
 def test_report_balance_and_changes_match_eval_metrics():
     probs, groups = instance(400, 8, 4, seed=3)
     result = fair_assign(probs, groups, eps=0.1)

@@ -52,7 +52,7 @@ __all__ = [
     "pairwise_fscore", "bcubed_fscore", "nmi", "accuracy", "balance", "fairness", "fwd",
     "per_group_scores", "pairwise_from_contingency", "bcubed_from_contingency",
     "nmi_from_contingency", "accuracy_from_contingency", "cluster_group_table",
-    "balance_from_table", "fairness_from_table", "fwd_from_table", "harmonic_f",
+    "cluster_group_table_from_counts", "balance_from_table", "fairness_from_table", "fwd_from_table", "harmonic_f",
 ]
 
 
@@ -262,6 +262,36 @@ def cluster_group_table(pred: Any, groups: Any) -> Contingency:
     """Sparse (cluster x group) contingency: rows are clusters (negative labels: one singleton
     cluster each), columns the T groups present."""
     return contingency_table(noise_as_singletons(check_labels(pred, "pred")), groups, "pred", "groups")
+
+
+def cluster_group_table_from_counts(counts: Any) -> Contingency:
+    """Sparse (cluster x group) contingency from a dense count matrix ``counts[k, t] = |C_k ∩ G_t|``
+    (K clusters x T groups, e.g. counts all-reduced over workers): clusters without a sample are
+    dropped, exactly as if the table had been built from labels; every group must have a sample.
+
+    Raises:
+        DataError: not a 2-D matrix of non-negative integers, no sample at all, or an empty group.
+    """
+    table = np.asarray(counts)
+    if table.ndim != 2 or not (table.dtype.kind in "iub" or np.array_equal(table, np.round(table))):
+        raise DataError(f"counts: expected a 2-D integer (clusters x groups) count matrix, got shape {table.shape} "
+                        f"dtype {table.dtype}")
+    table = table.astype(np.int64)
+    if (table < 0).any():
+        raise DataError("counts: every (cluster, group) count must be >= 0")
+    group_sizes = table.sum(axis=0)
+    if group_sizes.sum() == 0:
+        raise DataError("counts: the count matrix holds no sample")
+    if (group_sizes == 0).any():
+        empty = np.flatnonzero(group_sizes == 0).tolist()
+        raise DataError(f"counts: group column(s) {empty} hold no sample; balance and fairness consider the groups "
+                        "present - drop those columns (and their target proportions)")
+    clusters = np.flatnonzero(table.sum(axis=1) > 0)
+    used = table[clusters]
+    rows, cols = np.nonzero(used)
+    return Contingency(rows=rows.astype(np.int64), cols=cols.astype(np.int64), counts=used[rows, cols],
+                       row_sums=used.sum(axis=1), col_sums=group_sizes, row_values=clusters,
+                       col_values=np.arange(table.shape[1]))
 
 
 def _row_starts(table: Contingency) -> np.ndarray:

@@ -20,7 +20,7 @@ Methods (all exact; they differ in speed and memory):
 
 Balance (dissertation eq 6.2, METHODS.md §7): ``min_k N_min(k) / N_max(k)`` over non-empty
 clusters (0 when a group is absent); fairness (eq 6.3) likewise; both reported before (argmax) and
-after.
+after, computed from the global count matrices by :mod:`dist_fair.eval.metrics`.
 """
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from dist_fair.collective import Collective, LocalCollective, agree_on_error, all_reduce_max
 from dist_fair.errors import DataError, DistFairError, InfeasibleError
+from dist_fair.eval.metrics import balance_from_table, cluster_group_table_from_counts, fairness_from_table
 from dist_fair.fair.auction import AuctionOptions, Persons, Shard, make_places, run_auction
 from dist_fair.fair.candidates import Candidates, dense_candidates, top_m_candidates
 from dist_fair.fair.finish import FinishOptions, exact_finish
-from dist_fair.collective import Collective, LocalCollective, agree_on_error, all_reduce_max
 from dist_fair.fair.targets import FairTargets, check_groups, compute_targets
 
 LOG = logging.getLogger(__name__)
@@ -103,27 +104,11 @@ class FairAssignResult:
 
 
 # ----------------------------------------------------------------------------- metrics on counts
-def balance_from_counts(counts: np.ndarray) -> float:
-    """Eq 6.2 from a ``(T, K)`` count matrix: min over non-empty clusters of min_t/max_t counts."""
-    counts = np.asarray(counts, dtype=np.float64)
-    used = counts.sum(axis=0) > 0
-    if not used.any():
-        return 0.0
-    c = counts[:, used]
-    return float((c.min(axis=0) / c.max(axis=0)).min())
-
-
-def fairness_from_counts(counts: np.ndarray, rho: np.ndarray) -> float:
-    """Eq 6.3 from a ``(T, K)`` count matrix: min over clusters and groups of
-    ``min(rho_t / rho_t(k), rho_t(k) / rho_t)``, 0 when a group is absent."""
-    counts = np.asarray(counts, dtype=np.float64)
-    used = counts.sum(axis=0) > 0
-    c = counts[:, used]
-    share = c / c.sum(axis=0, keepdims=True)
-    ratio = share / np.asarray(rho, dtype=np.float64)[:, None]
-    with np.errstate(divide="ignore"):
-        per = np.where(ratio > 0, np.minimum(ratio, 1.0 / np.where(ratio > 0, ratio, 1.0)), 0.0)
-    return float(per.min()) if per.size else 0.0
+def balance_and_fairness(counts: np.ndarray, rho: np.ndarray) -> tuple[float, float]:
+    """Balance (dissertation eq 6.2) and fairness (eq 6.3) of a ``(T, K)`` group x cluster count
+    matrix, computed by :mod:`dist_fair.eval.metrics` (METHODS.md §7; the one implementation)."""
+    table = cluster_group_table_from_counts(np.asarray(counts).T)
+    return balance_from_table(table), fairness_from_table(table, rho)
 
 
 # ----------------------------------------------------------------------------- SPMD core
@@ -196,6 +181,8 @@ def solve_shard(shard: Shard, collective: Collective | None = None, *, n_groups:
     if not (np.array_equal(after.sum(axis=0), fair.cluster_sizes)
             and (after >= fair.lower).all() and (after <= fair.upper).all()):
         raise DistFairError("internal error: the assignment does not meet the targets")  # pragma: no cover
+    balance_before, fairness_before = balance_and_fairness(before, fair.rho)
+    balance_after, fairness_after = balance_and_fairness(after, fair.rho)
     objective = n_total - result.primal
     lower_bound = n_total - result.dual
     gap = objective - lower_bound
@@ -203,9 +190,8 @@ def solve_shard(shard: Shard, collective: Collective | None = None, *, n_groups:
         method="auction", n_samples=n_total, n_clusters=k, n_groups=t, eps=float(eps), top_m=top_m,
         objective=objective, argmax_objective=n_total - argmax_total, lower_bound=lower_bound, gap=gap,
         certified=bool(gap <= CERTIFICATE_TOLERANCE * max(n_total, 1)),
-        samples_changed=int(extra[-1]), balance_before=balance_from_counts(before),
-        balance_after=balance_from_counts(after), fairness_before=fairness_from_counts(before, fair.rho),
-        fairness_after=fairness_from_counts(after, fair.rho), seconds=time.perf_counter() - start,
+        samples_changed=int(extra[-1]), balance_before=balance_before, balance_after=balance_after,
+        fairness_before=fairness_before, fairness_after=fairness_after, seconds=time.perf_counter() - start,
         workers=collective.world_size, rounds=state.rounds, phases=state.phases,
         finish_iterations=result.iterations, augmented=result.augmented, cycles=result.cycles,
         finish_seconds=result.seconds,
@@ -322,13 +308,14 @@ def _fair_assign(cands: Candidates, groups: np.ndarray, rho, eps, method, top_m,
 
         labels = solve_lp(cands, g, fair).labels
     after = _count_matrix(g, labels, t, k)
+    balance_before, fairness_before = balance_and_fairness(before, fair.rho)
+    balance_after, fairness_after = balance_and_fairness(after, fair.rho)
     objective = float((1.0 - cands.value_of(labels)).sum())
     argmax_objective = float((1.0 - cands.value_of(argmax)).sum())
     report = FairAssignReport(
         method=method, n_samples=n, n_clusters=k, n_groups=t, eps=float(eps), top_m=top_m, objective=objective,
         argmax_objective=argmax_objective, lower_bound=None, gap=None, certified=True,
-        samples_changed=int((labels != argmax).sum()), balance_before=balance_from_counts(before),
-        balance_after=balance_from_counts(after), fairness_before=fairness_from_counts(before, fair.rho),
-        fairness_after=fairness_from_counts(after, fair.rho), seconds=time.perf_counter() - start,
+        samples_changed=int((labels != argmax).sum()), balance_before=balance_before, balance_after=balance_after,
+        fairness_before=fairness_before, fairness_after=fairness_after, seconds=time.perf_counter() - start,
         targets_fixed=fair.fixed, counts_after=after.tolist() if t * k <= 4096 else None, notes=list(fair.notes))
     return FairAssignResult(labels, report)
