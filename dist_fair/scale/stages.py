@@ -43,7 +43,7 @@ from dist_fair.errors import ConfigError, DataError
 
 LOG = logging.getLogger(__name__)
 
-STAGES = ("shards", "knn", "sequences", "train", "infer", "cluster", "fair_assign", "evaluate")
+STAGES = ("shards", "knn", "sequences", "train", "infer", "cluster", "evaluate", "fair_assign")
 #: stages whose work runs on ``W`` Ray workers (the others are single-process; their efficiency is
 #: reported but says only how the machine's load changed).
 PARALLEL_STAGES = ("shards", "knn", "train", "infer", "fair_assign")

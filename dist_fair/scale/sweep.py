@@ -143,10 +143,12 @@ class Study:
 
 
 def grid(sizes: Sequence[int], workers: Sequence[int], stages: Sequence[str]) -> Iterator[tuple[str, int, int]]:
-    """Cells in running order: size by size (smallest first), then workers, then the pipeline's order."""
-    for n in sorted(set(int(s) for s in sizes)):
-        for w in sorted(set(int(x) for x in workers)):
-            for stage in stages:
+    """Cells in running order: stage by stage in the pipeline's order, each at every size (smallest
+    first) and worker count - so an interrupted sweep leaves whole stages measured (and fittable),
+    and every cell finds its inputs done."""
+    for stage in stages:
+        for n in sorted(set(int(s) for s in sizes)):
+            for w in sorted(set(int(x) for x in workers)):
                 yield stage, n, w
 
 
