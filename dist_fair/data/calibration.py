@@ -38,18 +38,18 @@ deterministic):
    g_b / sqrt(d))`` and minimise ``sum_p (Q_p(sim) - Q_p(S_t))^2`` over the percentiles
    p = 5, 10, ..., 95 by Nelder-Mead in ``(log spread, log dispersion)`` (median <-> spread,
    width <-> dispersion), started at ``spread = sqrt(1 / median - 1)``.
-2. ``kappa_t``, ``r`` and ``m`` from ``M_t``, the group-mean cosine and P, given step 1: a
+2. ``m``, ``kappa_t`` and ``r`` from P, ``M_t`` and the group-mean cosine, given step 1: a
    *replica* of the reference - the same groups and the same images per identity, drawn from the
-   model at dimension d - is simulated, and every ``kappa_t`` (in log space, [0.02, 50]), r
-   ([0, 0.999]) and log m ([log 2, log d], m rounded) is bisected at once on the sign of
-   ``mean_p (Q_p(M_t^replica) - Q_p(M_t))``, of ``r^replica - r^reference`` and of
-   ``P^replica - P^reference``. Nearest-impostor similarity rises with kappa_t (impostor
+   model at dimension d - is simulated. (a) log m ([log 2, log d], m rounded) is bisected on the
+   sign of ``P^replica - P^reference`` with kappa and r held: P is scale-free, so the crowding moves
+   it only through the ratio of image noise to identity spread. (b) With m held, every
+   ``kappa_t`` (log space, [0.02, 50]) and r ([0, 0.999]) is bisected at once on the sign of
+   ``mean_p (Q_p(M_t^replica) - Q_p(M_t))`` and of ``r^replica - r^reference``: impostor
    similarities sit around ``kappa^2 / (1 + kappa^2)`` and fluctuate like
-   ``1 / ((1 + kappa^2) sqrt(m))``, so m moves them too), the group-mean cosine with r, and P with m
-   (P is scale-free: kappa barely moves it); the joint bisection converges to a common fixed point.
-   A second round repeats the bisection in brackets narrowed around the first round's answer
-   (kappa x/ 1.5, r +- 0.05, m x/ 3), so that no coordinate keeps a decision taken while the
-   others were still far off.
+   ``1 / ((1 + kappa^2) sqrt(m))``, so M_t rises with kappa_t; the group-mean cosine rises with
+   r; the groups are only weakly coupled (a group's nearest impostor is rarely in another group).
+   (a) and (b) alternate for ``ROUNDS`` rounds, later rounds in brackets narrowed around the
+   previous answer (m x/ 2, kappa x/ 1.3, r +- 0.03).
 
 Because ``M_t`` grows with the number of impostors, kappa is an intrinsic parameter only through
 the replica: generating at another size keeps kappa and lets the nearest-impostor similarity move
@@ -76,7 +76,8 @@ FIT_PERCENTILES = tuple(range(5, 96, 5))
 REPORT_QUANTILES = (5, 25, 50, 75, 95)
 KAPPA_RANGE = (0.02, 50.0)
 COSINE_RANGE = (0.0, 0.999)
-#: Rounds of the joint bisection (the second one in brackets narrowed around the first's answer).
+#: Rounds of (a) the identity_dim bisection and (b) the joint crowding / group-cosine bisection; later
+#: rounds search brackets narrowed around the previous answer.
 ROUNDS = 2
 
 
@@ -333,36 +334,39 @@ def fit_dimension(ref: Reference, dim: int, seed: int = 0, pairs: int = 20000, i
         spreads.append(spread)
         dispersions.append(dispersion)
     goals = [np.percentile(m, FIT_PERCENTILES) for m in ref.impostor]
-    lo = np.full(ref.num_groups, np.log(KAPPA_RANGE[0]))
-    hi = np.full(ref.num_groups, np.log(KAPPA_RANGE[1]))
-    r_lo, r_hi = COSINE_RANGE
     fit_cosine = ref.group_cosine is not None
-    m_lo, m_hi = np.log(2.0), np.log(float(dim))
+    kappa = np.full(ref.num_groups, 2.0)
+    r = 0.5 if fit_cosine else 0.0
+    m = max(2, dim // 4) if fit_identity_dim else None
 
-    def identity_dim_of(lo_: float, hi_: float) -> int | None:
-        if not fit_identity_dim:
-            return None
-        return int(np.clip(round(float(np.exp((lo_ + hi_) / 2))), 2, dim))
+    def draw(kappa_: np.ndarray, r_: float, m_: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return replica(group_of, counts, kappa_, spreads, dispersions, r_, dim, seed, m_)
 
     for round_ in range(ROUNDS):
-        if round_:  # narrow every bracket around the first round's answer, so that each coordinate's
-            # decisions are taken with the others already near their values
-            mid_k, mid_r, mid_m = (lo + hi) / 2, (r_lo + r_hi) / 2, (m_lo + m_hi) / 2
-            lo, hi = mid_k - np.log(1.5), mid_k + np.log(1.5)
-            r_lo, r_hi = max(COSINE_RANGE[0], mid_r - 0.05), min(COSINE_RANGE[1], mid_r + 0.05)
-            m_lo, m_hi = max(np.log(2.0), mid_m - np.log(3.0)), min(np.log(float(dim)), mid_m + np.log(3.0))
-        for step in range(iterations):
-            kappa = np.exp((lo + hi) / 2)
-            r = (r_lo + r_hi) / 2 if fit_cosine else 0.0
-            m = identity_dim_of(m_lo, m_hi)
-            emb, identity, groups = replica(group_of, counts, kappa, spreads, dispersions, r, dim, seed, m)
-            top = nearest_impostors(emb, identity, IMPOSTOR_RANKS[-1])
-            impostor = top[:, 0]
-            if fit_identity_dim:
+        # (a) m from P, crowding and r held: P is scale-free, so it barely depends on them
+        if fit_identity_dim:
+            m_lo, m_hi = ((np.log(2.0), np.log(float(dim))) if round_ == 0 else
+                          (max(np.log(2.0), np.log(m) - np.log(2.0)), min(np.log(float(dim)), np.log(m) + np.log(2.0))))
+            for _ in range(iterations):
+                m = int(np.clip(round(float(np.exp((m_lo + m_hi) / 2))), 2, dim))
+                emb, identity, groups = draw(kappa, r, m)
                 if identity_participation_ratio(emb, identity, groups) < ref.participation:
                     m_lo = np.log(m)
                 else:
                     m_hi = np.log(m)
+            m = int(np.clip(round(float(np.exp((m_lo + m_hi) / 2))), 2, dim))
+        # (b) every kappa_t and r at once, m held (the groups are only weakly coupled)
+        if round_ == 0:
+            lo, hi = np.full(ref.num_groups, np.log(KAPPA_RANGE[0])), np.full(ref.num_groups, np.log(KAPPA_RANGE[1]))
+            r_lo, r_hi = COSINE_RANGE
+        else:
+            lo, hi = np.log(kappa) - np.log(1.3), np.log(kappa) + np.log(1.3)
+            r_lo, r_hi = max(COSINE_RANGE[0], r - 0.03), min(COSINE_RANGE[1], r + 0.03)
+        for step in range(iterations):
+            kappa = np.exp((lo + hi) / 2)
+            r = (r_lo + r_hi) / 2 if fit_cosine else 0.0
+            emb, identity, groups = draw(kappa, r, m)
+            impostor = nearest_impostor_similarities(emb, identity)
             for t in range(ref.num_groups):
                 above = np.mean(np.percentile(impostor[groups == t], FIT_PERCENTILES) - goals[t]) > 0
                 hi[t], lo[t] = (np.log(kappa[t]), lo[t]) if above else (hi[t], np.log(kappa[t]))
@@ -371,10 +375,10 @@ def fit_dimension(ref: Reference, dim: int, seed: int = 0, pairs: int = 20000, i
                     r_hi = r
                 else:
                     r_lo = r
-            LOG.debug("dim %d bisection %d: crowding %s, r %.4f, identity_dim %s", dim, step, np.round(kappa, 4), r, m)
-    kappa = np.exp((lo + hi) / 2)
-    r = (r_lo + r_hi) / 2 if fit_cosine else 0.0
-    m = identity_dim_of(m_lo, m_hi)
+            LOG.debug("dim %d round %d step %d: crowding %s, r %.4f, identity_dim %s", dim, round_, step,
+                      np.round(kappa, 4), r, m)
+        kappa = np.exp((lo + hi) / 2)
+        r = (r_lo + r_hi) / 2 if fit_cosine else 0.0
     emb, identity, groups = replica(group_of, counts, kappa, spreads, dispersions, r, dim, seed, m)
     top = nearest_impostors(emb, identity, IMPOSTOR_RANKS[-1])
     impostor = top[:, 0]

@@ -115,7 +115,7 @@ def comments(gender_fits: dict[int, DimFit], race_detail: dict[str, Any], factor
             "realistic: the synthetic generator calibrated on real face embeddings (issue 14).",
             "Written by `python -m dist_fair.data.presets.build_realistic --lfw ../shared/data/lfw` (do not edit by",
             "hand: rebuild). Model and fit: dist_fair/data/calibration.py. Use: dist-fair shards synth --preset",
-            "realistic [--dim 128|512] [--mix ...] [--images-per-identity M].",
+            "realistic [--dim D, one of the dims below] [--mix ...] [--images-per-identity M].",
         ],
         "default_dim": ["LFW's reference descriptors (dlib's ResNet) are 128-d."],
         "dims": [
@@ -134,7 +134,7 @@ def comments(gender_fits: dict[int, DimFit], race_detail: dict[str, Any], factor
             f"{race_detail['African']['images']} images), Asian = eastasian {factors['Asian']} "
             f"({race_detail['Asian']['people']} people, {race_detail['Asian']['images']} images),",
             f"  Caucasian 1 ({cauc['people']} people, {cauc['images']} images). Small samples: the factors are "
-            "uncertain by a few %.",
+            "vary by up to ~10 % between replica seeds (calibration.race_factors).",
             f"  Indian {factors['Indian']} is ASSUMED (mean of the African and Asian factors): LFW has "
             f"{race_detail['Indian']['people']} asianindian people ({race_detail['Indian']['images']} images,",
             f"  {race_detail['Indian']['same_identity_pairs']} same-person pairs; measured factor "
