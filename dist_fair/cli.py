@@ -19,7 +19,7 @@ COMMANDS: dict[str, str] = {
     "shards": "dist_fair.data.cli",
     "embed": "dist_fair.embed.cli",
     "knn": "dist_fair.knn.cli",
-    "train": "dist_fair.train.cli",
+    "train": "dist_fair.pipeline.train_cli",
     "fair-assign": "dist_fair.fair.cli",
     "evaluate": "dist_fair.eval.cli",
     "scale": "dist_fair.scale.cli",

@@ -210,7 +210,7 @@ class TrainConfig:
     ``checkpoint_every`` counts optimizer steps (0 = at the end of every epoch only); ``log_every``
     steps between records in ``metrics.jsonl``; ``prefetch`` batches read ahead per worker;
     ``placement`` is Ray's placement strategy (``SPREAD``: workers on different nodes).
-    ``model`` names a registered model (``dist_fair/tasks/registry.py``) or ``none`` (the kNN +
+    ``model`` names a registered model (``dist_fair/model_registry.py``) or ``none`` (the kNN +
     threshold baseline alone); ``model=probe`` is the built-in MLP probe (embeddings -> identity)
     that exercises the engine (``dist-fair train`` only); ``hidden`` is its hidden width (0 = linear).
     The defaults are the main job: the Intraformer with the purity penalty on 2 workers, ZeRO-1.
@@ -264,7 +264,7 @@ class TrainConfig:
     eval_anchors: int = 1024
 
     def __post_init__(self) -> None:
-        from dist_fair.tasks.registry import model_names
+        from dist_fair.model_registry import model_names
 
         _choice(self.model, ["none", *model_names()], "train.model")
         _require(bool(self.deepspeed), "train.deepspeed", "name a file in launch/deepspeed/ (e.g. zero2_cpu) or give a path")

@@ -5,7 +5,7 @@ access ``.<field>`` (a NAME token right after a ``.`` operator) or a ``getattr(.
 anywhere in ``dist_fair/`` outside ``config.py`` (where fields are only declared and validated).
 It cannot prove the value changes the output, but a field nothing reads fails it; the checker
 itself is tested on a dataclass with a field nobody reads. Also: every hyper-parameter a
-registered model declares (``dist_fair/tasks/registry.py``) is a real config field.
+registered model declares (``dist_fair/model_registry.py``) is a real config field.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_the_checker_finds_a_field_nobody_reads(tmp_path):
 
 
 def test_registered_models_declare_real_config_fields():
-    from dist_fair.tasks.registry import get_model, model_names
+    from dist_fair.model_registry import get_model, model_names
 
     known = set(config_fields())
     for name in model_names():

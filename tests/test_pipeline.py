@@ -161,7 +161,7 @@ DEEP_TINY = ["data.identities=6", "data.images_per_identity=30", "data.dim=16", 
 
 
 def _deep_params():
-    from dist_fair.tasks.registry import model_names
+    from dist_fair.model_registry import model_names
 
     return [pytest.param(m, marks=() if m == "dfdc" else pytest.mark.slow) for m in model_names("deep")]
 

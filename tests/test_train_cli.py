@@ -16,7 +16,7 @@ from dist_fair.cli import main
 def test_untrainable_models_fail_fast_with_a_clear_error(model, message, capsys, tmp_path, monkeypatch):
     import dataclasses
 
-    from dist_fair.tasks import registry
+    from dist_fair import model_registry as registry
 
     # pretend dfdc's module is not there: the error must say so, and list what is registered
     broken = dataclasses.replace(registry.get_model("dfdc"), task_builder="dist_fair.not_a_module:build")
@@ -31,7 +31,7 @@ def test_untrainable_models_fail_fast_with_a_clear_error(model, message, capsys,
 def test_every_configurable_model_is_registered():
     from dist_fair.config import TrainConfig
     from dist_fair.errors import ConfigError
-    from dist_fair.tasks.registry import model_names
+    from dist_fair.model_registry import model_names
 
     with pytest.raises(ConfigError) as info:
         TrainConfig(model="?")
@@ -45,7 +45,7 @@ def test_bad_override_is_a_config_error(capsys, tmp_path):
 
 
 def test_commands_that_do_not_train_do_not_import_deepspeed():
-    light = ("import sys; import dist_fair.train, dist_fair.train.cli, dist_fair.train.task, "
+    light = ("import sys; import dist_fair.train, dist_fair.pipeline.train_cli, dist_fair.train.task, "
              "dist_fair.train.deepspeed_env; print(sorted(m for m in ('deepspeed', 'torch', 'ray') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

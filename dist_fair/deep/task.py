@@ -48,12 +48,12 @@ import numpy as np
 
 from dist_fair.config import FairConfig
 from dist_fair.errors import ConfigError, DataError
-from dist_fair.tasks.registry import get_model, model_names
+from dist_fair.model_registry import get_model, model_names
 from dist_fair.train.task import TrainTask
 
 LOG = logging.getLogger(__name__)
 
-#: the deep clustering models of the registry (dist_fair/tasks/registry.py).
+#: the deep clustering models of the registry (dist_fair/model_registry.py).
 METHODS = model_names("deep")
 #: methods whose clustering model is an autoencoder's encoder plus centroids (the DEC family).
 CENTROID_METHODS = ("dec", "fair_dec", "fairoids")

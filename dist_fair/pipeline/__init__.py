@@ -13,9 +13,10 @@ partial ones. Modules, one job each:
 - ``decode_stage.py``: ``cluster`` and ``baseline`` (global decoding);
 - ``deep_stages.py``: ``train``, ``predict``, ``fair_assign`` of the deep (fair) clustering models;
 - ``evaluate_stage.py``: ``evaluate`` (every method's labels on the same samples, one report);
-- ``job.py``: which stages run for which model, ``run_job``, ``plan_job``.
+- ``job.py``: which stages run for which model, ``run_job``, ``plan_job``;
+- ``train_cli.py``: ``dist-fair train`` (runs or reuses the stages before ``train``, then trains).
 
-Nothing but the command line (``dist_fair/pipeline_cli.py``, ``dist_fair/train/cli.py``) imports
+Nothing but the command line (``dist_fair/pipeline_cli.py``, ``dist_fair/pipeline/train_cli.py``) imports
 this package.
 """
 from __future__ import annotations

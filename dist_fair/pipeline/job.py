@@ -26,7 +26,7 @@ REPORT_FILES = ("report.json", "report.md", "report.png")
 def _family(config) -> str:
     if config.train.model == "none":
         return "none"
-    from dist_fair.tasks.registry import get_model
+    from dist_fair.model_registry import get_model
 
     family = get_model(config.train.model).family
     if family == "probe":
@@ -122,9 +122,9 @@ def plan_job(config) -> list[StageOutcome]:
 
 def prepare_training_inputs(config, run_dir: str | Path):
     """The stages before ``train`` for ``train.model`` (shards; for sequence models also knn and
-    sequences), run or reused in ``run_dir``, as the :class:`~dist_fair.tasks.registry.TaskInputs`
+    sequences), run or reused in ``run_dir``, as the :class:`~dist_fair.model_registry.TaskInputs`
     of its task builder (``dist-fair train``)."""
-    from dist_fair.tasks.registry import TaskInputs
+    from dist_fair.model_registry import TaskInputs
     from .data_stage import shards_stage
 
     run_dir = Path(run_dir)

@@ -89,7 +89,7 @@ def sequence_train_stage(ctx: JobContext, seqs: StageOutcome, knn: StageOutcome)
 
     def work(folder: Path) -> dict[str, Any]:
         from dist_fair.tasks.sequence_task import write_spec
-        from dist_fair.tasks.registry import TaskInputs, create_task
+        from dist_fair.model_registry import TaskInputs, create_task
         from dist_fair.train.engine import fit
 
         task = create_task(config, TaskInputs(run_dir=ctx.run_dir, knn=knn.folder, sequences=seqs.folder))

@@ -53,8 +53,8 @@ def main(args: argparse.Namespace) -> int:
 
     init_ray(address=args.address or job.ray.address, num_cpus=job.ray.num_cpus,
              include_dashboard=job.ray.include_dashboard, namespace=job.ray.namespace)
-    from dist_fair.tasks.registry import create_task
-    from dist_fair.pipeline.job import prepare_training_inputs
+    from dist_fair.model_registry import create_task
+    from .job import prepare_training_inputs
 
     task = create_task(job, prepare_training_inputs(job, run_dir))  # the stages before train, run or reused
     try:

@@ -12,7 +12,7 @@ file exists. What each stage runs (``W`` = the cell's workers):
 - ``train``: ONE epoch over the training split (``val_fraction`` of the identities validate,
   ``train_fraction`` of the rest train, as in the job) of the Intraformer through
   :func:`dist_fair.train.engine.fit` (Ray Train + DeepSpeed ZeRO-1, ``W`` workers), the task from
-  :func:`dist_fair.models.intraformer_task.task_from_folders`;
+  :func:`dist_fair.tasks.sequence_task.task_from_folders`;
 - ``infer``: edge probabilities of every anchor, :func:`dist_fair.models.edge_inference.predict_edge_probs`
   (``W`` Ray tasks at once);
 - ``cluster``: :func:`dist_fair.cluster.edges.decode_edges` (threshold 0.5 on the edge
@@ -195,7 +195,7 @@ def run_sequences(cell: Cell) -> dict[str, Any]:
 
 
 def run_train(cell: Cell) -> dict[str, Any]:
-    from dist_fair.models.intraformer_task import task_from_folders, write_spec  # E may move these: lazy
+    from dist_fair.tasks.sequence_task import task_from_folders, write_spec  # E may move these: lazy
     from dist_fair.train.engine import fit
 
     job = _job(cell)
@@ -215,7 +215,7 @@ def run_train(cell: Cell) -> dict[str, Any]:
 def run_infer(cell: Cell) -> dict[str, Any]:
     from dist_fair.models.sequences import open_sequence_inputs
     from dist_fair.models.edge_inference import predict_edge_probs
-    from dist_fair.models.intraformer_task import load_trained
+    from dist_fair.tasks.sequence_task import load_trained
 
     s = cell.settings
     train_dir = json.loads((cell.path("train") / DONE).read_text(encoding="utf-8"))["train_dir"]

@@ -27,13 +27,13 @@ from dist_fair.errors import ConfigError
 from dist_fair.models.sequences import TRAIN, VAL, SequenceInputs, SequenceStreams
 from dist_fair.losses.clustering import LossConfig
 from dist_fair.models.intraformer import ModelSpec
-from dist_fair.tasks.registry import model_names
+from dist_fair.model_registry import model_names
 from dist_fair.train.task import TrainTask
 
 LOG = logging.getLogger(__name__)
 
 SPEC_FILE = "model.json"
-#: the sequence models of the registry (dist_fair/tasks/registry.py).
+#: the sequence models of the registry (dist_fair/model_registry.py).
 SEQUENCE_MODELS = model_names("sequence")
 
 

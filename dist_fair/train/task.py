@@ -133,12 +133,12 @@ class TrainContext:
 
 
 def check_trainable(model: str) -> None:
-    """ConfigError unless ``train.model=<model>`` is a registered model (``dist_fair/tasks/registry.py``,
+    """ConfigError unless ``train.model=<model>`` is a registered model (``dist_fair/model_registry.py``,
     the one list of models) whose task module is installed (located, not imported)."""
     import importlib.util
 
     from dist_fair.errors import ConfigError
-    from dist_fair.tasks.registry import get_model, model_names
+    from dist_fair.model_registry import get_model, model_names
 
     if model == "none":
         raise ConfigError("config field 'train.model' is 'none': choose a model to train, e.g. "
