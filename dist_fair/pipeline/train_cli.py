@@ -1,5 +1,9 @@
 """``dist-fair train``: train the model named by ``train.model`` on Ray Train + DeepSpeed.
 
+The stages the model trains on (shards; kNN graph and sequences for the sequence models) are run
+or reused through the pipeline's Stage helper first, which is why this command lives in the
+pipeline package; the model's task comes from its registry entry (``dist_fair/model_registry.py``).
+
 Only the standard library is imported at module level (``dist-fair --help`` stays fast); torch,
 Ray and DeepSpeed are imported when training starts.
 """
@@ -10,11 +14,14 @@ import argparse
 HELP = "train a model (train.model) on Ray Train workers with DeepSpeed"
 DESCRIPTION = (
     "Train the model named by train.model on train.workers Ray Train workers, each running a DeepSpeed "
-    "engine (ZeRO configuration train.deepspeed from launch/deepspeed/). Outputs go to RUN_DIR/train/: "
+    "engine (ZeRO configuration train.deepspeed from dist_fair/configs/deepspeed/, linked as launch/deepspeed/). "
+    "The data stages it needs are run or reused first (shards; kNN and sequences for the sequence models). "
+    "Outputs go to RUN_DIR/train/: "
     "metrics.jsonl (history), model.pt (weights), summary.json, ray/ (checkpoints). A killed run resumes "
     "from its last checkpoint when started again with the same --run-dir; a finished run is skipped. "
     "train.model=probe is a built-in MLP probe (embeddings -> identity); intraformer/clusformer train on kNN "
-    "sequences, dec/imsat/dfdc/fair_dec/fairoids on embedding shards (data.source=shards)."
+    "sequences, dec/imsat/dfdc/fair_dec/fairoids on the embeddings (any data.source; hyper-parameters in the "
+    "deep section, protected attribute train.group_attribute). `dist-fair run` also predicts and evaluates."
 )
 
 
