@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dist_fair", "dist_fair.*"]),
     # the DeepSpeed JSON configs and the job configs (launch/deepspeed and launch/configs link here)
-    package_data={"dist_fair": ["py.typed", "configs/*.yaml", "configs/deepspeed/*.json"]},
+    package_data={"dist_fair": ["py.typed", "configs/*.yaml", "configs/deepspeed/*.json", "data/presets/*.yaml"]},
     install_requires=[
         "torch==2.13.0",
         "torchvision==0.28.0",
