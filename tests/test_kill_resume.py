@@ -164,3 +164,58 @@ def test_embed_killed_after_a_shard_resumes_with_the_same_embeddings(lfw_images,
     ok(dist_fair(*args, "--out", str(out)))
     assert manifest_shards(out) == manifest_shards(tmp_path / "reference")
     np.testing.assert_array_equal(_embeddings(out), _embeddings(tmp_path / "reference"))
+
+
+# The main job (Intraformer on 2 Ray Train workers, inference on Ray), tiny sizes, through `dist-fair run`.
+MAIN_TINY = ["data.identities=80", "data.images_per_identity=8", "data.dim=32", "data.workers=1", "knn.k=16",
+             "knn.recall_sample=0", "train.seq_len=12", "train.epochs=2", "train.batch_size=32", "train.width=16",
+             "train.heads=2", "train.sub_clusters=3", "train.log_every=5", "cluster.infer_rows_per_task=200"]
+
+
+def _run_job(run_dir: Path, kill: str | None = None, once: Path | None = None) -> subprocess.CompletedProcess:
+    args = ["run", "--run-dir", str(run_dir)] + [a for s in MAIN_TINY for a in ("--set", s)]
+    return dist_fair(*args, kill=kill, once=once, timeout=900)
+
+
+def _job_outputs(run_dir: Path) -> tuple[np.ndarray, dict]:
+    labels = np.load(run_dir / "cluster" / "labels.npy", allow_pickle=False)
+    report = json.loads((run_dir / "report.json").read_text())
+    return labels, {k: report[k] for k in ("identity", "groups") if k in report}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_job(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("job") / "run"
+    ok(_run_job(run_dir))
+    return run_dir
+
+
+def _same_result(run_dir: Path, reference: Path) -> None:
+    labels, report = _job_outputs(run_dir)
+    reference_labels, reference_report = _job_outputs(reference)
+    np.testing.assert_array_equal(labels, reference_labels)
+    assert report == reference_report
+
+
+@pytest.mark.slow
+def test_main_job_killed_in_the_driver_resumes_to_the_same_result(uninterrupted_job, tmp_path):
+    """The driver killed while the kNN graph is being built: the rerun keeps the finished shards
+    stage and ends with the uninterrupted run's labels and report."""
+    run_dir = tmp_path / "run"
+    killed(_run_job(run_dir, kill="knn.block_searched"))
+    assert not (run_dir / "report.json").exists()
+    again = ok(_run_job(run_dir))
+    assert "skipped" in again.stderr  # the shards stage finished before the kill and is not redone
+    _same_result(run_dir, uninterrupted_job)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["train.step@3", "infer.task_done@1"])
+def test_main_job_with_a_ray_worker_killed_finishes_with_the_same_result(point, uninterrupted_job, tmp_path):
+    """One Ray Train worker (or one inference task's worker) killed once: Ray Train restarts the
+    worker group from its last checkpoint (Ray retries the task) and the same run finishes with the
+    uninterrupted run's labels and report."""
+    run_dir, marker = tmp_path / "run", tmp_path / "killed"
+    ok(_run_job(run_dir, kill=point, once=marker))
+    assert marker.is_file(), f"nothing was killed at {point}"
+    _same_result(run_dir, uninterrupted_job)
