@@ -78,7 +78,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice(self.source, ["synth", "shards", "digits", "table"], "data.source")
-        _choice(self.preset, ["balanced", "global", "skewed"], "data.preset")
+        _require(self.preset in ("balanced", "global", "skewed", "realistic") or self.preset.endswith((".yaml", ".yml")),
+                 "data.preset", f"{self.preset!r} must be balanced, global, skewed, realistic (calibrated on LFW, "
+                 "dim 128) or the path of a preset file written by `dist-fair shards synth --calibrate`")
         _choice(self.dataset, ["mnist_usps", "reverse_mnist"], "data.dataset")
         _require(self.source != "shards" or bool(self.shards), "data.shards",
                  "is required when data.source=shards (a folder holding manifest.json)")

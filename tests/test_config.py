@@ -54,3 +54,15 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 def test_shards_source_requires_folder():
     with pytest.raises(ConfigError, match="data.shards"):
         load_config(None, ["data.source=shards"])
+
+
+def test_preset_accepts_the_calibrated_presets_and_refuses_others():
+    import pytest
+
+    from dist_fair.config import load_config
+    from dist_fair.errors import ConfigError
+
+    assert load_config(None, ["data.preset=realistic"]).data.preset == "realistic"
+    assert load_config(None, ["data.preset=my_fit.yaml"]).data.preset == "my_fit.yaml"
+    with pytest.raises(ConfigError, match="data.preset"):
+        load_config(None, ["data.preset=lfw-ish"])
