@@ -50,6 +50,11 @@ def analyse(records: Sequence[dict[str, Any]], extrapolate_to: Sequence[int] = (
                          b_high=None if fit.b_high is None else round(fit.b_high, 4),
                          b_se=None if fit.b_se is None else round(fit.b_se, 4),
                          r2=None if fit.r2 is None else round(fit.r2, 4))
+            if all(r["cpu_s"] > 0 for r in rows):  # CPU seconds: the load-independent cost on a shared machine
+                cpu_fit = fit_power_law([r["n"] for r in rows], [r["cpu_s"] for r in rows])
+                entry.update(b_cpu=round(cpu_fit.b, 4),
+                             b_cpu_low=None if cpu_fit.b_low is None else round(cpu_fit.b_low, 4),
+                             b_cpu_high=None if cpu_fit.b_high is None else round(cpu_fit.b_high, 4))
             fits.append(entry)
             for n0 in extrapolate_to:
                 interval = fit.prediction_interval(n0)
@@ -68,9 +73,9 @@ def analyse(records: Sequence[dict[str, Any]], extrapolate_to: Sequence[int] = (
                                "parallel_stage": r["stage"] in PARALLEL_STAGES})
     totals = []
     for w in workers:
-        for n in sorted({r["n"] for r in records if r["workers"] == w}):
-            mine = [r for r in records if r["workers"] == w and r["n"] == n]
-            totals.append({"n": n, "workers": w, "stages": len(mine), "wall_s": round(sum(r["wall_s"] for r in mine), 1),
+        for n in sorted({r["n_target"] for r in records if r["workers"] == w}):
+            mine = [r for r in records if r["workers"] == w and r["n_target"] == n]
+            totals.append({"n_target": n, "workers": w, "stages": len(mine), "wall_s": round(sum(r["wall_s"] for r in mine), 1),
                            "cpu_s": round(sum(r["cpu_s"] for r in mine), 1),
                            "peak_rss_mib": round(max(r["peak_rss_mib"] for r in mine), 1)})
     return {"model": MODEL, "fits": fits, "efficiency": efficiency, "extrapolation": extrapolation, "totals": totals}
@@ -97,12 +102,14 @@ def render_markdown(records: Sequence[dict[str, Any]], analysis: dict[str, Any],
             lines += [f"{key.replace('_', ' ')}: {meta[key]}", ""]
     lines += ["## Cells", "", *_table(records, CSV_COLUMNS), "",
               f"CPU s and peak RSS: {records[0]['cpu_scope'] if records else ''}.", "",
-              "## Fitted exponents (t = a N^b, wall time)", "",
-              *_table(analysis["fits"], ["stage", "workers", "points", "b", "b_low", "b_high", "r2", "a"]), "",
+              "## Fitted exponents (t = a N^b; b, a: wall time; b_cpu: the same fit of the CPU seconds)", "",
+              *_table(analysis["fits"], ["stage", "workers", "points", "b", "b_low", "b_high", "r2", "a", "b_cpu",
+                                         "b_cpu_low", "b_cpu_high"]), "",
+              "(N of the train stage = its training anchors; of every other stage = the samples.)", "",
               "## Parallel efficiency t1 / (W tW)", "",
               *_table(analysis["efficiency"], ["stage", "n", "workers", "t1_s", "tW_s", "efficiency", "parallel_stage"]),
               "", "(single-process stages: the efficiency only shows the noise and load of the machine.)", "",
-              "## Totals per cell (all stages)", "", *_table(analysis["totals"], ["n", "workers", "stages", "wall_s",
+              "## Totals per cell (all stages)", "", *_table(analysis["totals"], ["n_target", "workers", "stages", "wall_s",
                                                                                   "cpu_s", "peak_rss_mib"]), "",
               "## Extrapolation (a model, not a measurement)", "", f"Model: {analysis['model']}.", "",
               *_table(analysis["extrapolation"], ["stage", "workers", "n", "wall_s", "low_s", "high_s", "from_sizes"]),
