@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPUs (and faiss threads) per actor; default: cluster CPUs / workers")
     parser.add_argument("--query-block", type=int, default=d.query_block, help="queries per block")
     parser.add_argument("--nlist", type=int, default=d.nlist, help="IVF lists per shard (default ~4*sqrt(rows))")
-    parser.add_argument("--nprobe", type=int, default=d.nprobe, help="IVF lists visited per query (default: the index's, "
-                        "16 for ivf/ivfpq, 256 for ivfpq_fs)")
+    parser.add_argument("--nprobe", type=int, default=d.nprobe, help="IVF lists visited per query "
+                        "(default: the index's, 16 for ivf/ivfpq, 256 for ivfpq_fs)")
     parser.add_argument("--ivf-search", choices=["lists", "faiss"], default=d.ivf_search,
                         help="CPU ivf: lists = list by list with matrix products over each query block "
                              "(same candidates as faiss, several times faster); faiss = IndexIVFFlat.search")
