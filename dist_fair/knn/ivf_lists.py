@@ -101,7 +101,11 @@ def _list_products(layout: ListLayout, queries: np.ndarray, probes: np.ndarray
             continue
         sel = slice(bounds[lst], bounds[lst + 1])
         rows = rows_sorted[sel]
-        yield int(lo), rows, ranks_sorted[sel], queries[rows] @ layout.vectors[lo:hi].T
+        # float64 products rounded to float32: a float32 GEMM may round the same dot product
+        # differently in different output columns (OpenBLAS edge tiles), which would break the
+        # tie order between identical vectors; float64 rounding errors vanish in the cast.
+        scores = queries[rows].astype(np.float64) @ layout.vectors[lo:hi].T.astype(np.float64)
+        yield int(lo), rows, ranks_sorted[sel], scores.astype(np.float32)
 
 
 def _thresholds(layout: ListLayout, queries: np.ndarray, probes: np.ndarray, k: int) -> np.ndarray:
