@@ -27,6 +27,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(autouse=True)
+def _keep_shard_verification_setting():
+    """A CLI run in process with ``--no-verify`` turns checksum verification off for the whole
+    process (``DIST_FAIR_VERIFY_SHARDS``); a real command exits afterwards, a test must not leak it
+    into the next test."""
+    from dist_fair.data.shards import VERIFY_ENV
+
+    before = os.environ.get(VERIFY_ENV)
+    yield
+    if before is None:
+        os.environ.pop(VERIFY_ENV, None)
+    else:
+        os.environ[VERIFY_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A two-node Ray cluster simulated on this machine (2 logical CPUs per node), started once.
