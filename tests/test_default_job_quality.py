@@ -20,9 +20,10 @@ FLOORS = {"intraformer": {"pairwise_f": 0.97, "bcubed_f": 0.975}, "kNN baseline"
 
 @pytest.mark.slow
 def test_default_job_quality_floor(tmp_path):
-    run_dir = tmp_path / "default"
+    run_dir = tmp_path / "runs" / "default"
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", DS_ACCELERATOR="cpu")
-    done = subprocess.run([sys.executable, "-m", "dist_fair.cli", "run", "--run-dir", str(run_dir)], cwd=ROOT,
+    # a RELATIVE run folder, as `make run` passes it: Ray Train workers run elsewhere and must get absolute paths
+    done = subprocess.run([sys.executable, "-m", "dist_fair.cli", "run", "--run-dir", "runs/default"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((run_dir / "report.json").read_text())

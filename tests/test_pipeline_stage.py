@@ -101,3 +101,13 @@ def test_external_shards_fingerprint_follows_their_content(tmp_path):
     write(2)  # same path, same settings, other bytes
     second = shards_stage(JobContext(config, tmp_path / "run"))
     assert second.fingerprint != first.fingerprint
+
+
+def test_job_paths_are_made_absolute_for_the_ray_workers(tmp_path, monkeypatch):
+    from dist_fair.config import load_config
+    from dist_fair.pipeline.job import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = with_absolute_paths(load_config(None, ["run_dir=runs/x", "data.source=shards", "data.shards=shards/s"]))
+    assert config.run_dir == str(tmp_path / "runs" / "x")
+    assert config.data.shards == str(tmp_path / "shards" / "s") and config.data.path is None

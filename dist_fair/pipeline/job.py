@@ -85,11 +85,24 @@ def _stages(ctx: JobContext) -> None:
                    "every identity but the validation identities used to choose the threshold")
 
 
+def with_absolute_paths(config):
+    """``config`` with ``run_dir``, ``data.shards`` and ``data.path`` made absolute (from the
+    working directory): Ray Train workers and Ray tasks run in folders of their own, so a relative
+    path would name another file there."""
+    import dataclasses
+
+    data = config.data
+    data = dataclasses.replace(data, **{name: str(Path(getattr(data, name)).resolve())
+                                        for name in ("shards", "path") if getattr(data, name)})
+    return dataclasses.replace(config, run_dir=str(Path(config.run_dir).resolve()), data=data)
+
+
 def run_job(config, fresh: bool = False) -> list[StageOutcome]:
     """Run every stage of the job described by ``config`` (skipping completed ones); the report
     files are copied into the run folder."""
     from dist_fair.ray_runtime import init_ray
 
+    config = with_absolute_paths(config)
     run_dir = Path(config.run_dir)
     _check(config, _family(config))  # fail before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +125,7 @@ def run_job(config, fresh: bool = False) -> list[StageOutcome]:
 
 def plan_job(config) -> list[StageOutcome]:
     """The stages ``run_job`` would run, each marked complete (would be skipped) or not; runs nothing."""
+    config = with_absolute_paths(config)
     ctx = JobContext(config, Path(config.run_dir), plan=True)
     _stages(ctx)
     return ctx.outcomes
@@ -127,7 +141,8 @@ def prepare_training_inputs(config, run_dir: str | Path):
     from dist_fair.model_registry import TaskInputs
     from .data_stage import shards_stage
 
-    run_dir = Path(run_dir)
+    config = with_absolute_paths(config)
+    run_dir = Path(run_dir).resolve()
     ctx = JobContext(config, run_dir)
     family = _family(config) if config.train.model != "probe" else "probe"
     shards = shards_stage(ctx)
