@@ -74,3 +74,30 @@ def test_embedding_shards_are_rejected(tmp_path):
     S.write_embedding_shards(tmp_path / "x", np.zeros((3, 4), np.float32))
     with pytest.raises(ShardError, match="not images"):
         embed_image_shards(tmp_path / "x", tmp_path / "y")
+
+
+def test_a_changed_image_shard_is_refused_before_embedding(image_shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "images"
+    shutil.copytree(image_shards, copy)
+    info = S.read_manifest(copy).shards[1]
+    data = bytearray((copy / info.name).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a JPEG
+    (copy / info.name).write_bytes(bytes(data))
+    with pytest.raises(S.ShardIntegrityError, match=info.name):
+        embed_image_shards(copy, tmp_path / "e", "resnet18", image_size=32, progress=False)
+    assert not (tmp_path / "e" / "manifest.json").exists()
+
+
+def test_a_decompression_bomb_is_refused_by_the_embedders(monkeypatch):
+    from PIL import Image
+
+    from dist_fair.embed.timm_backbone import decode_image
+    from dist_fair.errors import DataError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="JPEG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4,096 pixels counts as a bomb now
+    with pytest.raises(DataError, match="sample 7"):
+        decode_image(buffer.getvalue(), 32, "sample 7")

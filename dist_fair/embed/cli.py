@@ -48,8 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to join ('auto' or ray://host:10001); default: a private local instance")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not check each shard's sha256 against the manifest before reading it "
+                             "(faster on huge inputs; a corrupt shard then gives wrong results without an error)")
+
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "no_verify", False):
+        from dist_fair.data.shards import set_shard_verification
+
+        set_shard_verification(False)
     from dist_fair.embed.stage import run_embed
     from dist_fair.ray_runtime import init_ray
 

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dist_fair.embed.registry import EmbeddedBatch, Embedder, l2_normalise, register_embedder
-from dist_fair.errors import ConfigError, ShardError
+from dist_fair.errors import ConfigError, DataError, ShardError
 
 LOG = logging.getLogger(__name__)
 
@@ -141,9 +141,16 @@ class DlibResnetEmbedder(Embedder):
         """(unnormalised 128-d descriptor, no_face) of one JPEG."""
         from PIL import Image
 
+        from dist_fair.data.images import check_image_pixels
+
         try:
             with Image.open(io.BytesIO(data)) as image:
+                check_image_pixels(image, where)  # a decompression bomb is refused before decoding
                 rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        except Image.DecompressionBombError as err:
+            raise DataError(f"{where}: decompression bomb ({err}); delete or replace the image") from err
+        except DataError:
+            raise
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
             raise ShardError(f"{where}: the image cannot be decoded ({err}); rewrite the image shard") from err
         models = self._models()

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from dist_fair.data.schema import Manifest
-from dist_fair.data.shards import Block, ShardPlan, decode_sample, iter_tar_samples, read_manifest, write_shard_set
+from dist_fair.data.shards import Block, ShardPlan, decode_sample, iter_shard_samples, read_manifest, write_shard_set
 from dist_fair.embed.registry import Embedder, create_embedder
 from dist_fair.errors import ConfigError, DataError, ShardError
 from dist_fair.io_atomic import atomic_path, atomic_save_npy
@@ -128,7 +128,8 @@ class EmbedProducer:
             pending.clear()
 
         with embedder.limit_threads(self.threads):
-            for sample in iter_tar_samples(Path(self.image_dir) / source):
+            info = next(s for s in manifest.shards if s.name == source)
+            for sample in iter_shard_samples(self.image_dir, info):  # sha256-verified, truncation checked
                 where = f"shard {source}, sample {sample.get('__key__')!r}"
                 if "jpg" not in sample:
                     raise ShardError(f"{where}: no jpg entry; is {self.image_dir} an image shard folder?")

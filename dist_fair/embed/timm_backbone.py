@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from dist_fair.embed.registry import EmbeddedBatch, Embedder, l2_normalise, register_embedder
-from dist_fair.errors import ConfigError, ShardError
+from dist_fair.errors import ConfigError, DataError, ShardError
 
 LOG = logging.getLogger(__name__)
 
@@ -72,9 +72,16 @@ def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
     """JPEG bytes -> float32 array (3, size, size), ImageNet-normalised."""
     from PIL import Image
 
+    from dist_fair.data.images import check_image_pixels
+
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_image_pixels(image, where)  # a decompression bomb is refused before decoding
             rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{where}: decompression bomb ({err}); delete or replace the image") from err
+    except DataError:
+        raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad data
         raise ShardError(f"{where}: the image cannot be decoded ({err}); rewrite the image shard") from err
     array = np.asarray(rgb, dtype=np.float32) / 255.0

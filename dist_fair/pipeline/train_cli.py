@@ -37,8 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--build-ops", action="store_true",
                         help="only compile DeepSpeed's CPU op into the environment's cache (once, about 40 s) and exit")
 
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not check each shard's sha256 against the manifest before reading it "
+                             "(faster on huge inputs; a corrupt shard then gives wrong results without an error)")
+
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "no_verify", False):
+        from dist_fair.data.shards import set_shard_verification
+
+        set_shard_verification(False)
     from pathlib import Path
 
     if args.build_ops:
