@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.dist_fair-installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-slow bench clean
+.PHONY: install run test test-slow test-bench bench clean
 
 $(STAMP): setup.py requirements.txt constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -29,9 +29,15 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - failing on purpose" >&2; exit 1; fi; \
 	exit $$rc
 
+## Slow suite (CI runs it after `make test`); its longest cases are marked `bench`: `make test-bench`.
 test-slow: install
-	@$(PY) -m pytest -m slow $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -m "slow and not bench" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-slow: pytest collected no slow tests" >&2; exit 1; fi; \
+	exit $$rc
+
+test-bench: install
+	@$(PY) -m pytest -m bench $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-bench: pytest collected no bench tests" >&2; exit 1; fi; \
 	exit $$rc
 
 clean:
