@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from dist_fair.verify_option import add_no_verify_argument, apply_no_verify
+
 HELP = "run the whole job (shards, kNN graph, training, clustering, evaluation) and write a report"
 DESCRIPTION = __doc__
 
@@ -29,16 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", action="store_true",
                         help="only print the stages this config runs and which are already complete; run nothing")
 
-    parser.add_argument("--no-verify", action="store_true",
-                        help="do not check each shard's sha256 against the manifest before reading it "
-                             "(faster on huge inputs; a corrupt shard then gives wrong results without an error)")
+    add_no_verify_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    if getattr(args, "no_verify", False):
-        from dist_fair.data.shards import set_shard_verification
-
-        set_shard_verification(False)
+    apply_no_verify(args)
     from dist_fair.config import load_config
     from dist_fair.pipeline import run_job
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from dist_fair.verify_option import add_no_verify_argument, apply_no_verify
+
 HELP = "embed image shards with a face model (dlib-resnet) or a timm backbone into embedding shards"
 DESCRIPTION = __doc__
 
@@ -48,16 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to join ('auto' or ray://host:10001); default: a private local instance")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    parser.add_argument("--no-verify", action="store_true",
-                        help="do not check each shard's sha256 against the manifest before reading it "
-                             "(faster on huge inputs; a corrupt shard then gives wrong results without an error)")
+    add_no_verify_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    if getattr(args, "no_verify", False):
-        from dist_fair.data.shards import set_shard_verification
-
-        set_shard_verification(False)
+    apply_no_verify(args)
     from dist_fair.embed.stage import run_embed
     from dist_fair.ray_runtime import init_ray
 

@@ -16,6 +16,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from dist_fair.verify_option import add_no_verify_argument, apply_no_verify
+
 HELP = "score predicted cluster labels: pairwise/BCubed F, NMI, ACC, per-group F, balance, fairness, FWD"
 DESCRIPTION = (
     "Evaluate a clustering (labels.npy: one integer cluster id per sample, in manifest id order) "
@@ -38,9 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--title", default=None, help="report title (default: from the file names)")
     parser.add_argument("--no-accuracy", action="store_true",
                         help="skip ACC (Hungarian matching), the slowest metric on very large inputs")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="do not check the shard files against their manifest sha256 (default: checked; a "
-                             "mismatch is an error). Only if you accept wrong metrics from a corrupt file")
+    add_no_verify_argument(parser)
 
 
 def load_predictions(path: str | Path, num_samples: int, shard_dir: str | Path) -> Any:
@@ -85,13 +85,12 @@ def load_predictions(path: str | Path, num_samples: int, shard_dir: str | Path) 
 def main(args: argparse.Namespace) -> int:
     import time
 
-    from dist_fair.data.shards import load_labels, read_manifest, set_shard_verification
+    from dist_fair.data.shards import load_labels, read_manifest
     from dist_fair.errors import DataError
     from dist_fair.eval.report import evaluate_labels, write_report_files
     from dist_fair.faults import kill_point
 
-    if getattr(args, "no_verify", False):
-        set_shard_verification(False)
+    apply_no_verify(args)
     start = time.perf_counter()
     manifest = read_manifest(args.shards)
     if args.group:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from dist_fair.verify_option import add_no_verify_argument, apply_no_verify
+
 HELP = "build the kNN graph (FAISS index shards on Ray actors): nbrs.npy, sims.npy, knn.json"
 DESCRIPTION = (
     "Build the k-nearest-neighbour graph of every sample of an embedding shard folder by cosine "
@@ -67,9 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray to join (auto, ray://host:10001); default: start a local instance")
     parser.add_argument("--force", action="store_true", help="rebuild even if --out holds a complete graph")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="do not check the shard files against their manifest sha256 (default: checked before "
-                             "any work; a mismatch is an error). Only if you accept wrong results from a corrupt file")
+    add_no_verify_argument(parser)
 
 
 def config_from_args(args: argparse.Namespace):  # -> KNNConfig
@@ -84,11 +84,9 @@ def config_from_args(args: argparse.Namespace):  # -> KNNConfig
 
 
 def main(args: argparse.Namespace) -> int:
-    from dist_fair.data.shards import set_shard_verification
     from dist_fair.knn.graph import build_knn_graph
 
-    if args.no_verify:
-        set_shard_verification(False)
+    apply_no_verify(args)
     config = config_from_args(args)
     result = build_knn_graph(args.shards, args.out, config, resume=not args.force, progress=not args.no_progress,
                              ray_address=args.address)

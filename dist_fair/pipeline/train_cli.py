@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from dist_fair.verify_option import add_no_verify_argument, apply_no_verify
+
 HELP = "train a model (train.model) on Ray Train workers with DeepSpeed"
 DESCRIPTION = (
     "Train the model named by train.model on train.workers Ray Train workers, each running a DeepSpeed "
@@ -37,16 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--build-ops", action="store_true",
                         help="only compile DeepSpeed's CPU op into the environment's cache (once, about 40 s) and exit")
 
-    parser.add_argument("--no-verify", action="store_true",
-                        help="do not check each shard's sha256 against the manifest before reading it "
-                             "(faster on huge inputs; a corrupt shard then gives wrong results without an error)")
+    add_no_verify_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    if getattr(args, "no_verify", False):
-        from dist_fair.data.shards import set_shard_verification
-
-        set_shard_verification(False)
+    apply_no_verify(args)
     from pathlib import Path
 
     if args.build_ops:
