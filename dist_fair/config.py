@@ -50,7 +50,8 @@ class DataConfig:
     """Where samples come from (the pipeline's shards stage).
 
     ``source``: ``synth`` generates BUPT-style embeddings (METHODS.md §2; ``preset``,
-    ``identities``, ``images_per_identity``, ``dim``, ``seed``); ``shards`` uses an existing shard
+    ``identities``, ``images_per_identity`` (null = the preset's own; realistic: LFW's long tail),
+    ``dim``, ``seed``); ``shards`` uses an existing shard
     folder given in ``shards`` (e.g. written by ``dist-fair shards`` or ``dist-fair embed``);
     ``digits`` writes MNIST-USPS / Reverse-MNIST (``dataset``) from the ``mnist_usps.npz`` at
     ``path`` (``limit``: at most this many images per source); ``table`` writes a CSV table at
@@ -69,7 +70,7 @@ class DataConfig:
     features: list[str] | None = None
     preset: str = "balanced"
     identities: int = 1000
-    images_per_identity: float = 20.0
+    images_per_identity: float | None = 20.0
     dim: int = 128
     seed: int = 0
     block_rows: int = 4096
@@ -91,7 +92,9 @@ class DataConfig:
                  "is required when data.source=table (the protected column(s), e.g. [sex])")
         _require(self.limit is None or self.limit >= 1, "data.limit", "must be >= 1 or null (everything)")
         _require(self.identities >= 2, "data.identities", "must be >= 2")
-        _require(self.images_per_identity >= 2, "data.images_per_identity", "must be >= 2 (mean images per identity)")
+        _require(self.images_per_identity is None or self.images_per_identity >= 2, "data.images_per_identity",
+                 "must be >= 2 (mean images per identity, lognormal) or null (the preset's own: realistic draws "
+                 "from LFW's images-per-identity table, a classic preset 46 on average)")
         _require(self.dim >= 2, "data.dim", "must be >= 2")
         _require(self.block_rows >= 1, "data.block_rows", "must be >= 1")
         _require(self.shard_rows >= self.block_rows, "data.shard_rows", "must be >= data.block_rows")
@@ -222,7 +225,8 @@ class TrainConfig:
     Intraformer ``sub_clusters`` (M) and ``cross`` (none | last: F_{M-1} queries F_0 | both | all:
     every F_m queries F_0), ``sim_features`` (append each token's similarity row). Loss:
     soft Fowlkes-Mallows + ``penalty_weight`` * purity ``penalty`` (none | upper_bound: global
-    gamma_f | group: spread of per-group mean purity over ``group_attribute``) + ``bce_weight`` *
+    gamma_f | group: spread of per-group mean purity over ``group_attribute`` | one_sided: only
+    anchors below gamma_f, mean max(0, gamma_f - gamma_i)) + ``bce_weight`` *
     BCE (default 1: with FM alone the edge probabilities saturate at 1 and training can stall);
     the Clusformer uses BCE. ``train_fraction`` of the non-validation identities trains, the
     rest is the test split; ``samples_per_epoch`` caps anchors per epoch; ``eval_anchors``
@@ -295,7 +299,7 @@ class TrainConfig:
         _require(self.cross == "none" or self.sub_clusters >= 2, "train.cross",
                  "the Cross Transformer block needs train.sub_clusters >= 2 (or train.cross=none)")
         _require(0.0 <= self.dropout < 1.0, "train.dropout", "must be in [0, 1)")
-        _choice(self.penalty, ["none", "upper_bound", "group"], "train.penalty")
+        _choice(self.penalty, ["none", "upper_bound", "group", "one_sided"], "train.penalty")
         _require(self.penalty_weight >= 0, "train.penalty_weight", "must be >= 0 (lambda)")
         _require(self.bce_weight >= 0, "train.bce_weight", "must be >= 0")
         _require(0.0 < self.train_fraction < 1.0, "train.train_fraction",

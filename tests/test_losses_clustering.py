@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from dist_fair.errors import ConfigError
-from dist_fair.losses.clustering import (EPS, LossConfig, clustering_loss, group_purity_spread, masked_bce, purity,
-                                         purity_penalty, soft_counts, soft_fowlkes_mallows)
+from dist_fair.losses.clustering import (EPS, LossConfig, clustering_loss, group_purity_spread, masked_bce,
+                                         one_sided_purity_penalty, purity, purity_penalty, soft_counts,
+                                         soft_fowlkes_mallows)
 
 # two anchors, four tokens each; the last token of anchor b is masked out
 PROBS = torch.tensor([[1.0, 0.5, 0.5, 0.0], [1.0, 0.25, 0.75, 0.5]], dtype=torch.float64)
@@ -36,6 +37,36 @@ def test_purity_penalty_by_hand_and_detached_reference():
     loss.backward()
     # gamma_f is a constant: d/d gamma_i |gamma_i - gamma_f| / B = sign(gamma_i - gamma_f) / B
     assert gamma.grad.tolist() == pytest.approx([-0.25, 0.25, -0.25, 0.25])
+
+
+def test_one_sided_penalty_by_hand_only_anchors_below_gamma_f():
+    gamma = torch.tensor([0.75, 0.875, 0.5, 1.0], requires_grad=True)
+    loss, gamma_f = one_sided_purity_penalty(gamma)
+    assert float(gamma_f) == pytest.approx(0.78125)
+    # only 0.75 and 0.5 lie below gamma_f: (0.03125 + 0.28125) / 4
+    assert float(loss.detach()) == pytest.approx((0.03125 + 0.28125) / 4)
+    loss.backward()
+    assert gamma.grad.tolist() == pytest.approx([-0.25, 0.0, -0.25, 0.0])
+
+
+def test_one_sided_total_loss_matches_numpy_reference():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(6, 8)) * 2
+    targets = (rng.random((6, 8)) < 0.4).astype(float)
+    targets[:, 0] = 1.0
+    mask = np.ones((6, 8), bool)
+    p = 1 / (1 + np.exp(-logits))
+    tp, psum, t = (p * targets).sum(1), p.sum(1), targets.sum(1)
+    fm = tp / np.sqrt(psum * t + EPS)
+    gamma = tp / (psum + EPS)
+    expected = 1 - fm.mean() + 0.6 * np.maximum(0.0, gamma.mean() - gamma).mean()
+    loss, metrics = clustering_loss(torch.tensor(logits), torch.tensor(targets), torch.tensor(mask),
+                                    LossConfig(objective="fm", penalty="one_sided", weight=0.6))
+    assert float(loss) == pytest.approx(expected, rel=1e-6)  # the loss computes in float32
+    assert float(metrics["gamma_f"]) == pytest.approx(gamma.mean(), rel=1e-6)
+    both, _ = clustering_loss(torch.tensor(logits), torch.tensor(targets), torch.tensor(mask),
+                              LossConfig(objective="fm", penalty="upper_bound", weight=0.6))
+    assert float(both) > float(loss)  # the two-sided form also charges the anchors above gamma_f
 
 
 def test_group_spread_by_hand():
@@ -133,7 +164,7 @@ def test_empty_batch_gives_finite_zero_loss():
     assert all(torch.isfinite(v) for v in metrics.values())
 
 
-@pytest.mark.parametrize("penalty", ["none", "upper_bound", "group"])
+@pytest.mark.parametrize("penalty", ["none", "upper_bound", "group", "one_sided"])
 def test_anchors_without_a_counted_token_change_nothing(penalty):
     """An anchor of unknown identity (every token masked) has no purity: it must not pull gamma_f,
     the FM mean or the group means down (its gamma would be 0 / eps = 0)."""

@@ -7,7 +7,7 @@ from typing import Any
 
 _EXPORTS = {name: "dist_fair.losses.clustering" for name in (
     "LossConfig", "clustering_loss", "soft_counts", "soft_fowlkes_mallows", "purity", "purity_penalty",
-    "group_purity_means", "group_purity_spread", "masked_bce", "PENALTIES")}
+    "one_sided_purity_penalty", "group_purity_means", "group_purity_spread", "masked_bce", "PENALTIES")}
 
 __all__ = sorted(_EXPORTS)
 

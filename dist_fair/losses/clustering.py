@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from dist_fair.collective import Collective, default_collective, global_mean
 
 EPS = 1e-6
-PENALTIES = ("none", "upper_bound", "group")
+PENALTIES = ("none", "upper_bound", "group", "one_sided")
 
 
 def _collective(collective: Collective | None) -> Collective:
@@ -92,6 +92,15 @@ def purity_penalty(gamma: torch.Tensor, collective: Collective | None = None) ->
     if not torch.isfinite(gamma_f):  # no anchor anywhere
         gamma_f = torch.zeros((), dtype=gamma.dtype, device=gamma.device)
     return _mean((gamma - gamma_f).abs()), gamma_f
+
+
+def one_sided_purity_penalty(gamma: torch.Tensor, collective: Collective | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-sided form: ``L_os = mean_i max(0, gamma_f - gamma_i)`` with the same global, detached
+    ``gamma_f`` as :func:`purity_penalty` (one all-reduce); only anchors purer than ``gamma_f`` are
+    left alone. Returns ``(L_os, gamma_f)``."""
+    _, gamma_f = purity_penalty(gamma.detach(), collective)
+    return _mean((gamma_f - gamma).clamp(min=0.0)), gamma_f
 
 
 def group_purity_means(gamma: torch.Tensor, groups: torch.Tensor, num_groups: int,
@@ -146,7 +155,8 @@ class LossConfig:
 
     Attributes:
         objective: ``fm`` (soft Fowlkes-Mallows, the Intraformer) or ``bce`` (the Clusformer).
-        penalty: ``none``, ``upper_bound`` (Eqn 6, global gamma_f) or ``group`` (Eqn 4).
+        penalty: ``none``, ``upper_bound`` (Eqn 6, global gamma_f), ``group`` (Eqn 4) or
+            ``one_sided`` (only anchors below gamma_f).
         weight: lambda, the penalty weight.
         bce_weight: beta, weight of an extra BCE term with the ``fm`` objective.
         num_groups: groups of the protected attribute (the ``group`` penalty).
@@ -198,7 +208,10 @@ def clustering_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     fm = soft_fowlkes_mallows(tp, p, t)
     gamma = purity(tp, p)
     l_fm = 1.0 - _mean(fm) if fm.numel() else fm.sum() * 0.0
-    l_pur, gamma_f = purity_penalty(gamma, coll)
+    if config.penalty == "one_sided":
+        l_pur, gamma_f = one_sided_purity_penalty(gamma, coll)
+    else:
+        l_pur, gamma_f = purity_penalty(gamma, coll)
     metrics: dict[str, torch.Tensor] = {"fm": _mean(fm).detach(), "purity": _mean(gamma).detach(),
                                         "gamma_f": gamma_f.detach(), "loss_purity": l_pur.detach()}
     if config.objective == "fm":
@@ -207,7 +220,7 @@ def clustering_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
     else:
         loss = masked_bce(logits, targets, mask)
         metrics["loss_bce"] = loss.detach()
-    if config.penalty == "upper_bound":
+    if config.penalty in ("upper_bound", "one_sided"):
         loss = loss + config.weight * l_pur
     elif config.penalty == "group":
         if groups is None:
@@ -223,4 +236,5 @@ def clustering_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
 
 
 __all__ = ["EPS", "PENALTIES", "LossConfig", "soft_counts", "soft_fowlkes_mallows", "purity", "purity_penalty",
+           "one_sided_purity_penalty",
            "group_purity_means", "group_purity_spread", "masked_bce", "clustering_loss"]
