@@ -57,6 +57,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "hnsw": {"index": "hnsw", "hnsw_m": 32, "ef_construction": 80, "ef_search": 128},
     "ivfpq": {"index": "ivfpq", "nprobe": 16, "pq_m": 64, "rerank": 4},
     "ivfpq64": {"index": "ivfpq", "nprobe": 64, "pq_m": 64, "rerank": 4},
+    "ivfpq_fs_nosym": {"index": "ivfpq_fs", "symmetrize": False},
     "hnsw256": {"index": "hnsw", "hnsw_m": 32, "ef_construction": 80, "ef_search": 256},
     "ivf2048": {"index": "ivf", "nlist": 2048, "nprobe": 32},
     "ivf2048_48": {"index": "ivf", "nlist": 2048, "nprobe": 48},
