@@ -56,7 +56,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -67,7 +66,7 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, print_table, write_results  # noqa: E402
+from common import RESULTS, machine_info, paired_differences, print_table, write_results  # noqa: E402
 
 LOG = logging.getLogger("bench_faces")
 ROOT = Path(__file__).resolve().parents[1]
@@ -579,16 +578,9 @@ def paired_comparison(chosen: list[dict[str, Any]], target: str, metric: str, se
         return None
     others = {m: np.mean([by[(s, m)] for s in seeds]) for m in methods if m != target}
     best = max(others, key=others.get)
-    diff = np.array([by[(s, target)] - by[(s, best)] for s in seeds])
-    wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
-    n = wins + losses
-    tail = sum(math.comb(n, i) for i in range(0, min(wins, losses) + 1)) / 2 ** n if n else 1.0
-    rng = np.random.default_rng(0)
-    boot = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
-    return {"metric": metric, "target": target, "best_other": best, "per_seed_diff": diff.tolist(),
-            "mean_diff": float(diff.mean()), "wins": wins, "losses": losses, "ties": int(diff.size - n),
-            "sign_test_p": float(min(1.0, 2 * tail)),
-            "bootstrap95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]}
+    diff = [by[(s, target)] - by[(s, best)] for s in seeds]
+    return {"metric": metric, "target": target, "best_other": best,
+            **paired_differences(diff, resamples)}
 
 
 def verdict_of(summary: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ plots go next to them as PNG.
 from __future__ import annotations
 
 import csv
+import math
 import json
 import os
 import platform
@@ -108,3 +109,20 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], extra: dict[str, An
     payload = {"benchmark": name, "machine": machine_info(), "rows": list(rows), **(extra or {})}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return RESULTS / f"{name}.csv"
+
+
+def paired_differences(diff: Sequence[float], resamples: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """Summary of paired per-seed differences ``d_s = a_s - b_s``: their mean, wins (d > 0) / losses
+    / ties, an exact two-sided sign test (ties dropped: p = min(1, 2 P[Bin(n, 1/2) <= min(w, l)]))
+    and a bootstrap 95 % interval of the mean difference (seeds resampled with replacement)."""
+    import numpy as np
+
+    d = np.asarray(diff, dtype=np.float64)
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    n = wins + losses
+    tail = sum(math.comb(n, i) for i in range(0, min(wins, losses) + 1)) / 2 ** n if n else 1.0
+    boot = d[np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))].mean(axis=1) if d.size \
+        else np.zeros(1)
+    return {"per_seed_diff": d.tolist(), "mean_diff": float(d.mean()) if d.size else float("nan"),
+            "wins": wins, "losses": losses, "ties": int(d.size - n), "sign_test_p": float(min(1.0, 2 * tail)),
+            "bootstrap95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]}
