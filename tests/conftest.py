@@ -14,6 +14,23 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as module ``name`` (benchmarks are scripts, not a package;
+    their own ``common`` import needs the folder on sys.path, their dataclasses the module in
+    sys.modules)."""
+    import importlib.util
+    import sys
+
+    folder = ROOT / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` beside the project. Tests that need it skip when it is absent, except under

@@ -1,23 +1,15 @@
 """benchmarks/bench_deep_fair.py: every target can fail (issue 16) and the table recomputes from a results file."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
+from conftest import load_benchmark
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_deep_fair", BENCH / "bench_deep_fair.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_deep_fair")
 
 
 def _row(dataset, method, labels, acc, nmi, balance):

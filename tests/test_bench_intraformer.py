@@ -3,24 +3,14 @@ validation only, paired statistics agree with an independent computation, and th
 from a results payload; benchmarks/common.paired_differences against scipy's sign test."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
+from conftest import load_benchmark
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_intraformer", BENCH / "bench_intraformer.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_intraformer"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_intraformer")
 
 
 def _row(seed, method, val_f, f_mean, f_std, pairwise=None, split="skewed", decode="threshold"):
@@ -30,11 +20,10 @@ def _row(seed, method, val_f, f_mean, f_std, pairwise=None, split="skewed", deco
             "nmi": 0.9, "F_mean": f_mean, "F_std": f_std, **races}
 
 
-def test_paired_differences_match_scipy_sign_test_and_a_direct_bootstrap():
+def test_paired_differences_match_scipy_sign_test_and_a_direct_bootstrap(bench):
     from scipy.stats import binomtest
 
-    sys.path.insert(0, str(BENCH))
-    from common import paired_differences
+    from common import paired_differences  # benchmarks/common.py, on sys.path through load_benchmark
 
     diff = [0.02, -0.01, 0.03, 0.04, 0.0, 0.01]
     out = paired_differences(diff, resamples=4000, seed=3)
