@@ -54,7 +54,7 @@ def test_training_from_outside_the_source_tree_finds_its_deepspeed_config(instal
     code = ("import sys; from dist_fair.cli import main; sys.exit(main(['train', '--no-progress', '--run-dir', "
             f"{str(run_dir)!r}, '--set', 'train.model=probe', '--set', 'train.workers=1', '--set', "
             "'train.deepspeed=zero1_cpu', '--set', 'train.epochs=1', '--set', 'train.batch_size=32', '--set', "
-            "'train.hidden=8', '--set', 'data.identities=20', '--set', 'data.images_per_identity=4', '--set', "
+            "'train.hidden=8', '--set', 'data.preset=balanced', '--set', 'data.identities=20', '--set', 'data.images_per_identity=4', '--set', "
             "'data.dim=8', '--set', 'data.workers=1', '--set', 'ray.num_cpus=2']))")
     proc = _outside(installed, tmp_path, code)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

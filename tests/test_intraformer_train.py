@@ -217,7 +217,7 @@ def test_dist_fair_run_with_the_sequence_model_configs(ray_by_value, tmp_path, c
     from dist_fair.models.sequences import TEST
     from dist_fair.pipeline import run_job
     root = Path(__file__).resolve().parents[1]
-    overrides = [f"run_dir={tmp_path / 'run'}", "data.identities=80", "data.images_per_identity=8", "data.dim=32",
+    overrides = [f"run_dir={tmp_path / 'run'}", "data.preset=balanced", "data.identities=80", "data.images_per_identity=8", "data.dim=32",
                  "data.workers=1", "knn.k=16", "knn.recall_sample=0", "train.seq_len=12", "train.epochs=1",
                  "train.batch_size=32", "train.width=16", "train.heads=2", "train.sub_clusters=3",
                  "cluster.infer_rows_per_task=200"]

@@ -167,7 +167,7 @@ def test_embed_killed_after_a_shard_resumes_with_the_same_embeddings(lfw_images,
 
 
 # The main job (Intraformer on 2 Ray Train workers, inference on Ray), tiny sizes, through `dist-fair run`.
-MAIN_TINY = ["data.identities=80", "data.images_per_identity=8", "data.dim=32", "data.workers=1", "knn.k=16",
+MAIN_TINY = ["data.preset=balanced", "data.identities=80", "data.images_per_identity=8", "data.dim=32", "data.workers=1", "knn.k=16",
              "knn.recall_sample=0", "train.seq_len=12", "train.epochs=2", "train.batch_size=32", "train.width=16",
              "train.heads=2", "train.sub_clusters=3", "train.log_every=5", "cluster.infer_rows_per_task=200"]
 

@@ -11,7 +11,7 @@ import pytest
 from dist_fair.config import load_config
 from dist_fair.pipeline import plan_job, run_job
 
-TINY = ["data.identities=60", "data.images_per_identity=8", "data.dim=32", "data.workers=1", "knn.k=12",
+TINY = ["data.preset=balanced", "data.identities=60", "data.images_per_identity=8", "data.dim=32", "data.workers=1", "knn.k=12",
         "knn.recall_sample=50"]
 
 
@@ -153,7 +153,7 @@ def test_main_job_trains_the_intraformer_beside_the_baseline(tmp_path, ray_by_va
     assert not (run_dir / "report.png").exists() and not (run_dir / "eval" / "report.png").exists()
 
 
-DEEP_TINY = ["data.identities=6", "data.images_per_identity=30", "data.dim=16", "data.workers=1",
+DEEP_TINY = ["data.preset=balanced", "data.identities=6", "data.images_per_identity=30", "data.dim=16", "data.workers=1",
              "data.shard_rows=96", "data.block_rows=48", "train.epochs=3", "train.batch_size=64", "train.log_every=2",
              "deep.pretrain_epochs=1", "deep.hidden=[16]", "deep.ae_hidden=[16, 16]", "deep.ae_epochs=2",
              "deep.ae_lr=0.003", "deep.vat_eps=0.5", "deep.kmeans_sample=500", "fair.enabled=true",

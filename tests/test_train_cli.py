@@ -75,7 +75,7 @@ def test_train_command_runs_the_probe_on_synthetic_shards(ray_cluster, tmp_path,
     from dist_fair.train.progress import read_metrics
 
     args = ["train", "--run-dir", str(tmp_path), "--no-progress", "--set", "train.model=probe",
-            "--set", "data.identities=40", "--set", "data.images_per_identity=6", "--set", "data.dim=16",
+            "--set", "data.preset=balanced", "--set", "data.identities=40", "--set", "data.images_per_identity=6", "--set", "data.dim=16",
             "--set", "train.epochs=2", "--set", "train.batch_size=32", "--set", "train.lr=3e-3",
             "--set", "train.hidden=0"]
     assert main(args) == 0
