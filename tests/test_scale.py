@@ -111,6 +111,34 @@ def test_settings_and_stage_validation():
 TINY = dict(dim=16, k=10, seq_len=8, index="flat", recall_sample=0, shard_rows=256, clusters=4)
 
 
+def test_cli_maps_the_realistic_preset_to_its_own_images_table():
+    import argparse
+
+    from dist_fair.scale.cli import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--out", "x"]
+    assert settings_from_args(parser.parse_args(base)).images_per_identity == 46.0
+    realistic = settings_from_args(parser.parse_args(base + ["--preset", "realistic"]))
+    assert realistic.preset == "realistic" and realistic.images_per_identity is None
+    assert settings_from_args(parser.parse_args(base + ["--preset", "realistic", "--images", "8"])).images_per_identity == 8
+
+
+@pytest.mark.ray
+def test_realistic_preset_cell_draws_lfws_long_tail(ray_cluster, tmp_path):
+    from dist_fair.data.shards import load_labels
+    from dist_fair.scale.sweep import run_sweep
+
+    settings = ScaleSettings(**{**TINY, "dim": 128, "preset": "realistic", "images_per_identity": None})
+    out = run_sweep(tmp_path / "study", [3000], [1], ["shards"], settings, progress=False)
+    record = out["records"][0]
+    assert abs(record["n"] - 3000) < 300  # identities = n / the table's mean (about 2.3 images per identity)
+    counts = np.unique(load_labels(tmp_path / "study" / "work" / "n3000-w1" / "shards").identity,
+                       return_counts=True)[1]
+    assert (counts == 1).mean() > 0.4 and counts.max() > 20  # LFW's tail: most people have one image, a few many
+
+
 @pytest.mark.ray
 def test_resumed_sweep_skips_finished_cells(ray_cluster, tmp_path):
     from dist_fair.scale.sweep import run_sweep

@@ -56,8 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-only", action="store_true", help="run nothing; report the cached cells")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dim", type=int, default=d.dim, help="generator: embedding dimension")
-    parser.add_argument("--images", type=float, default=d.images_per_identity, help="generator: images per identity")
-    parser.add_argument("--preset", default=d.preset, choices=["balanced", "global", "skewed"], help="generator mix")
+    parser.add_argument("--images", type=float, default=None,
+                        help=f"generator: mean images per identity (default: {d.images_per_identity:g} for a classic "
+                             "preset, the preset's own table for realistic: LFW's long tail, about 2.3)")
+    parser.add_argument("--preset", default=d.preset, choices=["balanced", "global", "skewed", "realistic"],
+                        help="generator: a classic race mix, or realistic (calibrated on LFW; 128-d)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the data, training and k-means")
     parser.add_argument("--shard-rows", type=int, default=d.shard_rows, help="rows per shard file")
     parser.add_argument("--group-attribute", default=d.group_attribute,
@@ -78,7 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace):  # -> ScaleSettings
     from dist_fair.scale.stages import ScaleSettings
 
-    return ScaleSettings(dim=args.dim, images_per_identity=args.images, preset=args.preset, seed=args.seed,
+    images = args.images if args.images is not None else \
+        (None if args.preset == "realistic" else ScaleSettings.images_per_identity)
+    return ScaleSettings(dim=args.dim, images_per_identity=images, preset=args.preset, seed=args.seed,
                          shard_rows=args.shard_rows, user_shards=args.shards, group_attribute=args.group_attribute,
                          k=args.k, index=args.index, recall_sample=args.recall_sample, seq_len=args.seq_len,
                          width=args.width, layers=args.layers, batch_size=args.batch_size, deepspeed=args.deepspeed,

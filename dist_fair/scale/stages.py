@@ -59,7 +59,7 @@ class ScaleSettings:
     """Everything that decides a cell's result apart from its size and workers (its fingerprint)."""
 
     dim: int = 128
-    images_per_identity: float = 46.0
+    images_per_identity: float | None = 46.0  # None: the preset's own table (realistic: LFW's long tail)
     preset: str = "balanced"
     seed: int = 0
     shard_rows: int = 32768
@@ -141,7 +141,10 @@ def run_shards(cell: Cell) -> dict[str, Any]:
     if s.user_shards is None:
         from dist_fair.data.synthetic import generate_synthetic_shards
 
-        manifest = generate_synthetic_shards(out, preset=s.preset, identities=max(2, round(cell.n / s.images_per_identity)),
+        from dist_fair.data.synthetic import spec_from_preset
+
+        mean_images = s.images_per_identity or spec_from_preset(s.preset, dim=s.dim).images_per_identity
+        manifest = generate_synthetic_shards(out, preset=s.preset, identities=max(2, round(cell.n / mean_images)),
                                              images_per_identity=s.images_per_identity, dim=s.dim, seed=s.seed,
                                              shard_rows=s.shard_rows, workers=cell.workers, progress=False)
     else:
