@@ -773,6 +773,8 @@ def run_seed(seed: int, args: argparse.Namespace, root: Path, variants: list[str
     settings is not run again."""
     import copy
 
+    from dist_fair.io_atomic import atomic_write_text
+
     args = copy.copy(args)
     args.seed = seed
     splits = [v.strip() for v in args.val_splits.split(",") if v.strip()]
@@ -798,10 +800,7 @@ def run_seed(seed: int, args: argparse.Namespace, root: Path, variants: list[str
         LOG.info("seed %d: variant %s", seed, name)
         mine = [{"seed": seed, **row} for row in run_variant(name, VARIANTS[name], train, vals, test, root, args)]
         if not args.validation_only:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(mine, default=float))
-            tmp.replace(cache)
+            atomic_write_text(cache, json.dumps(mine, default=float))
         rows.extend(mine)
     return rows, train, vals, test
 
@@ -904,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     main_variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     sweep_variants = [v.strip() for v in args.sweep_variants.split(",") if v.strip()]
+    candidates = [v for v in PENALTY_VARIANTS if v in main_variants + sweep_variants]  # for the best variant
     rows: list[dict[str, Any]] = []
     first: tuple[list[dict[str, Any]], DataSet, dict[str, DataSet], DataSet] | None = None
     best = None if sweep_seeds else "intraformer+pur"
@@ -917,7 +917,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(outcome[0])
         first = first or outcome
         if best is None and all(any(r["seed"] == s for r in rows) for s in sweep_seeds):
-            candidates = [v for v in PENALTY_VARIANTS if v in main_variants + sweep_variants]
             best = choose_best_variant(chosen_rows(rows), sweep_seeds, candidates) or "intraformer+pur"
             LOG.info("best penalty variant on validation (seeds %s): %s", sweep_seeds, best)
     if args.validation_only:
@@ -963,7 +962,6 @@ def main(argv: list[str] | None = None) -> int:
                         for split in [v.strip() for v in args.val_splits.split(",") if v.strip()]}
     best_balanced = None
     if "balanced" in summary_by_split and sweep_seeds:
-        candidates = [v for v in PENALTY_VARIANTS if v in main_variants + sweep_variants]
         best_balanced = choose_best_variant(chosen_rows(rows, val_split="balanced"), sweep_seeds, candidates)
     write_results(args.name, rows, extra={
         "claim": "the best purity-penalty variant (chosen on validation) beats Clusformer and kNN on mean per-race "

@@ -88,10 +88,17 @@ def purity_penalty(gamma: torch.Tensor, collective: Collective | None = None) ->
         ``(L_pur, gamma_f)``; ``gamma_f`` is detached and identical on every worker (one
         all-reduce of the local sum and count; a worker with no anchors contributes (0, 0)).
     """
+    gamma_f = global_purity(gamma, collective)
+    return _mean((gamma - gamma_f).abs()), gamma_f
+
+
+def global_purity(gamma: torch.Tensor, collective: Collective | None = None) -> torch.Tensor:
+    """``gamma_f``: the mean purity over the global batch, detached (one all-reduce of the local sum
+    and count; 0 when no worker has an anchor)."""
     gamma_f = global_mean(_collective(collective), gamma.detach().double()).to(gamma.dtype)
     if not torch.isfinite(gamma_f):  # no anchor anywhere
         gamma_f = torch.zeros((), dtype=gamma.dtype, device=gamma.device)
-    return _mean((gamma - gamma_f).abs()), gamma_f
+    return gamma_f
 
 
 def one_sided_purity_penalty(gamma: torch.Tensor, collective: Collective | None = None
@@ -99,7 +106,7 @@ def one_sided_purity_penalty(gamma: torch.Tensor, collective: Collective | None 
     """One-sided form: ``L_os = mean_i max(0, gamma_f - gamma_i)`` with the same global, detached
     ``gamma_f`` as :func:`purity_penalty` (one all-reduce); only anchors purer than ``gamma_f`` are
     left alone. Returns ``(L_os, gamma_f)``."""
-    _, gamma_f = purity_penalty(gamma.detach(), collective)
+    gamma_f = global_purity(gamma, collective)
     return _mean((gamma_f - gamma).clamp(min=0.0)), gamma_f
 
 
@@ -236,5 +243,5 @@ def clustering_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Ten
 
 
 __all__ = ["EPS", "PENALTIES", "LossConfig", "soft_counts", "soft_fowlkes_mallows", "purity", "purity_penalty",
-           "one_sided_purity_penalty",
+           "one_sided_purity_penalty", "global_purity",
            "group_purity_means", "group_purity_spread", "masked_bce", "clustering_loss"]
