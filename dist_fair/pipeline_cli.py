@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from dist_fair.job_options import add_job_arguments, job_from_args
 from dist_fair.verify_option import add_no_verify_argument, apply_no_verify
 
 HELP = "run the whole job (shards, kNN graph, training, clustering, evaluation) and write a report"
@@ -20,13 +21,7 @@ DESCRIPTION = __doc__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None,
-                        help="YAML job config (sections ray, data, knn, cluster, train, fair, eval; see launch/configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one config field, e.g. --set knn.k=40 --set data.identities=2000 (repeatable)")
-    parser.add_argument("--run-dir", default=None, help="run folder (overrides run_dir of the config)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join ('auto' or ray://host:10001); default: a private local instance")
+    add_job_arguments(parser)
     parser.add_argument("--fresh", action="store_true", help="redo every stage even if its output is complete")
     parser.add_argument("--plan", action="store_true",
                         help="only print the stages this config runs and which are already complete; run nothing")
@@ -36,15 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     apply_no_verify(args)
-    from dist_fair.config import load_config
     from dist_fair.pipeline import run_job
 
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
-    config = load_config(args.config, overrides)
+    config = job_from_args(args)
     if args.plan:
         from dist_fair.pipeline import plan_job
 

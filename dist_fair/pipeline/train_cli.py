@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from dist_fair.job_options import add_job_arguments, job_from_args
 from dist_fair.verify_option import add_no_verify_argument, apply_no_verify
 
 HELP = "train a model (train.model) on Ray Train workers with DeepSpeed"
@@ -28,12 +29,7 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="job config YAML (defaults for every field not given)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a config field, e.g. --set train.model=probe --set train.workers=2")
-    parser.add_argument("--run-dir", help="run folder; if not given, run_dir from the config")
-    parser.add_argument("--address", help="Ray cluster to join: 'auto' or ray://HOST:10001; if not given, ray.address "
-                                          "from the config, else a private local Ray")
+    add_job_arguments(parser)
     parser.add_argument("--force", action="store_true", help="discard a previous training run in the run folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (the history is still written)")
     parser.add_argument("--build-ops", action="store_true",
@@ -53,17 +49,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"DeepSpeed CPU ops ready in {extensions_dir()}: {', '.join(built) or 'none needed'}")
         return 0
 
-    from dist_fair.config import load_config
     from dist_fair.train.task import check_trainable
 
-    job = load_config(args.config, args.set)
-    run_dir = Path(args.run_dir or job.run_dir).expanduser().resolve()
+    job = job_from_args(args)
+    run_dir = Path(job.run_dir).expanduser().resolve()
     check_trainable(job.train.model)  # fails fast, before Ray starts, for models not built yet
 
     from dist_fair.ray_runtime import init_ray
     from dist_fair.train.engine import fit
 
-    init_ray(address=args.address or job.ray.address, num_cpus=job.ray.num_cpus,
+    init_ray(address=job.ray.address, num_cpus=job.ray.num_cpus,
              include_dashboard=job.ray.include_dashboard, namespace=job.ray.namespace)
     from dist_fair.model_registry import create_task
     from .job import prepare_training_inputs
